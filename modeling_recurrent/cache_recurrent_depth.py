@@ -144,7 +144,9 @@ class RecurrentCache(Cache):
     """
 
     def __init__(self, config: Any, core_slots: int | None = None):
-        if core_slots is not None and (isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1):
+        if core_slots is not None and (
+            isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1
+        ):
             raise ValueError(f"core_slots must be None (one slot per step) or an integer >= 1, got {core_slots!r}")
         super().__init__(layers=[])
         self.n_prelude, self.n_core, self.n_coda = config.n_prelude, config.n_core, config.n_coda

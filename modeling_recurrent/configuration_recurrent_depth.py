@@ -228,9 +228,20 @@ class HuginnRavenConfig(RecurrentDepthConfig):
         if "rope_base" in kwargs:
             kwargs["rope_theta"] = kwargs.pop("rope_base")
         # Derived or bookkeeping fields of the reference; recomputed here, so dropped.
-        for derived in ("n_layers", "padding_multiple", "init_strategy", "init_orthogonal",
-                        "activation_checkpoint_impl", "effective_expected_depth", "init_values", "hf_config",
-                        "name", "test_time_noise", "test_time_noise_type", "padded_vocab_size"):
+        for derived in (
+            "n_layers",
+            "padding_multiple",
+            "init_strategy",
+            "init_orthogonal",
+            "activation_checkpoint_impl",
+            "effective_expected_depth",
+            "init_values",
+            "hf_config",
+            "name",
+            "test_time_noise",
+            "test_time_noise_type",
+            "padded_vocab_size",
+        ):
             kwargs.pop(derived, None)
         super().__post_init__(**kwargs)
 

@@ -48,7 +48,9 @@ def resolve_num_steps(num_steps: object, default: int, training: bool, backprop_
             )
         return int(num_steps[0]), int(num_steps[1])
     if not _is_count(num_steps):
-        raise TypeError(f"num_steps must be an int >= 1 or a pair of ints, got {type(num_steps).__name__} {num_steps!r}")
+        raise TypeError(
+            f"num_steps must be an int >= 1 or a pair of ints, got {type(num_steps).__name__} {num_steps!r}"
+        )
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if training:
@@ -68,7 +70,9 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def sample_num_steps(mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+def sample_num_steps(
+    mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None
+) -> tuple[int, int]:
     """Training depth of the paper: n = Poisson(LogNormal(mu, 0.5)) + 1, split as (max(n - k, 0), min(n, k))."""
     t = max(mean_recurrence - backprop_depth, 0)
     sigma = 0.5
@@ -96,16 +100,24 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: RecurrentDepthConfig):
         super().__init__()
+        self.config = config
         self.layout = config.rope_layout
-        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        dim = config.attention_head_dim
-        if rope_type == "default":
-            theta = config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, self.attention_scaling = self.compute_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies (hd/2,) in float32 and the attention scaling of the configured rope type."""
+        config = self.config
+        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        if rope_type == "default":
+            dim, theta = config.attention_head_dim, config.rope_parameters["rope_theta"]
+            return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters.rope_type={rope_type!r} is not supported; use one of "
+                f"{['default', *ROPE_INIT_FUNCTIONS]}"
+            )
+        return ROPE_INIT_FUNCTIONS[rope_type](config, None)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +182,11 @@ class Attention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.chunks = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
+        self.chunks = [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        ]
         self.Wqkv = nn.Linear(config.hidden_size, sum(self.chunks), bias=config.qkv_bias)
         if config.qk_bias:
             self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.num_heads, self.head_dim))
@@ -250,9 +266,11 @@ class RecurrentBlock(nn.Module):
 class RecurrentDepthOutput(ModelOutput):
     """Output of `RecurrentDepthForCausalLM`.
 
-    loss: () next-token loss when `labels` are given, else None. logits: (B, T', V) float32.
-    cache: the `RecurrentCache` (also readable as `past_key_values`). latent_states: (B, T, D) the final latent state (normed as the coda
-    sees it). hidden_states: embeddings, each prelude block, each core step, each coda block (the last one normed).
+    loss: () next-token loss when `labels` are given, else None.
+    logits: (B, T', V) float32.
+    cache: the `RecurrentCache` (also readable as `past_key_values`).
+    latent_states: (B, T, D) the final latent state, normed as the coda sees it.
+    hidden_states: embeddings, each prelude block, each core step, each coda block (the last one normed).
     num_steps: (steps without gradient, steps with gradient) that this call ran.
     """
 
@@ -284,6 +302,9 @@ class RecurrentDepthPreTrainedModel(PreTrainedModel):
         out_std = std / math.sqrt(2 * config.effective_depth())
         if isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            # A non-persistent buffer: from_pretrained materialises it empty, so it is recomputed here.
+            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
         elif isinstance(module, Attention):
@@ -341,10 +362,8 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
 
     def core_step(self, state: torch.Tensor, embeds: torch.Tensor, ctx: BlockContext, step: int) -> torch.Tensor:
         """One recurrence: inject the embeddings into the state, run the core blocks. (B, T, D) -> (B, T, D)."""
-        if self.config.injection == "concat":
-            x = self.adapter(torch.cat([state, embeds], dim=-1))
-        else:
-            x = state + embeds
+        concat = self.config.injection == "concat"
+        x = self.adapter(torch.cat([state, embeds], dim=-1)) if concat else state + embeds
         for block in self.core_block:
             x = block(x, ctx, step)
         return x
@@ -410,7 +429,10 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
                 f"({self.config.max_position_embeddings}); the sequence is too long for this model"
             )
         mask = create_causal_mask(
-            config=self.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+            config=self.config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
             position_ids=position_ids,
         )
         return BlockContext(self.rotary(position_ids), mask, cache, past)
@@ -438,9 +460,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             cache = RecurrentCache(self.config)
         if cache is not None and not isinstance(cache, RecurrentCache):
             if cache.get_seq_length() != 0:
-                raise ValueError(
-                    f"past_key_values must be a RecurrentCache (got a non-empty {type(cache).__name__})"
-                )
+                raise ValueError(f"past_key_values must be a RecurrentCache (got a non-empty {type(cache).__name__})")
             cache = RecurrentCache(self.config)
         if cache is not None:
             cache.check_compatible(self.config)
@@ -452,8 +472,9 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         if num_steps is None and self.training:
             steps = sample_num_steps(self.config.mean_recurrence, self.config.mean_backprop_depth)
         else:
-            steps = resolve_num_steps(num_steps, self.config.mean_recurrence, self.training,
-                                      self.config.mean_backprop_depth)
+            steps = resolve_num_steps(
+                num_steps, self.config.mean_recurrence, self.training, self.config.mean_backprop_depth
+            )
 
         embeds = self.embed(input_ids, inputs_embeds)
         ctx = self.block_context(embeds, attention_mask, position_ids, cache)
@@ -483,8 +504,11 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         if hidden is not None:
             hidden[-1] = x
         return RecurrentDepthOutput(
-            logits=x, cache=cache, hidden_states=tuple(hidden) if hidden is not None else None,
-            latent_states=latent, num_steps=steps,
+            logits=x,
+            cache=cache,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            latent_states=latent,
+            num_steps=steps,
         )
 
 
@@ -531,10 +555,17 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
         """
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         out = self.transformer(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=_one_cache(past_key_values, kwargs.pop("cache", None)), inputs_embeds=inputs_embeds,
-            use_cache=use_cache, num_steps=num_steps,
-            init_scale=init_scale, input_states=input_states, output_hidden_states=output_hidden_states, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_one_cache(past_key_values, kwargs.pop("cache", None)),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            num_steps=num_steps,
+            init_scale=init_scale,
+            input_states=input_states,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
         )
         hidden = out.logits
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -543,8 +574,12 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return RecurrentDepthOutput(
-            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
-            latent_states=out.latent_states, num_steps=out.num_steps,
+            loss=loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            latent_states=out.latent_states,
+            num_steps=out.num_steps,
         )
 
 
