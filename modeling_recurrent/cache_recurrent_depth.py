@@ -153,6 +153,17 @@ class RecurrentCache(Cache):
         self.kv_shape = (config.num_key_value_heads, config.attention_head_dim)
         self.core_slots = core_slots
         self._seq_length = 0
+        self.steps: torch.Tensor | None = None  # (B, L) recurrence steps each cached token ran
+        self.prompt_length = 0  # tokens of the first forward (the prompt, in generate)
+        self.last_latent: torch.Tensor | None = None  # (B, 1, D) final latent of the last position (warm start)
+
+    def record(self, start: int, steps_used: torch.Tensor, length: int, last_latent: torch.Tensor) -> None:
+        """Note the steps (B,) run by the `length` tokens written at `start`, and the last position's latent."""
+        new = steps_used[:, None].expand(-1, length)
+        if start == 0:
+            self.prompt_length = length
+        self.steps = new.clone() if self.steps is None else torch.cat([self.steps[:, :start], new], dim=1)
+        self.last_latent = last_latent
 
     def slot(self, phase: str, layer: int, step: int = 0) -> int:
         """The cache slot of block `layer` of `phase` ("prelude", "core", "coda") at recurrence `step`."""
@@ -217,15 +228,39 @@ class RecurrentCache(Cache):
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last `-tokens_to_remove` positions (a non-negative value is read as the length to keep)."""
-        if tokens_to_remove >= 0:
-            tokens_to_remove = tokens_to_remove - self._seq_length
-        super().crop(min(tokens_to_remove, 0))
-        self._seq_length = max(self._seq_length + min(tokens_to_remove, 0), 0)
+        """Drop the last `-tokens_to_remove` positions (a positive value is read as the length to keep)."""
+        keep = tokens_to_remove if tokens_to_remove > 0 else self._seq_length + tokens_to_remove
+        keep = min(max(keep, 0), self._seq_length)
+        for slot in self.layers:  # slots of steps some tokens skipped are shorter: never grow them here
+            slot.length = min(slot.length, keep)
+        if self.steps is not None:
+            self.steps = self.steps[:, :keep]
+        if keep < self._seq_length:
+            self.last_latent = None  # it belonged to a dropped position
+        self._seq_length = keep
 
     def reset(self) -> None:
         super().reset()
         self._seq_length = 0
+        self.steps = self.last_latent = None
+
+    def _map_batch(self, fn) -> None:
+        if self.steps is not None:
+            self.steps = fn(self.steps)
+        if self.last_latent is not None:
+            self.last_latent = fn(self.last_latent)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_batch(lambda t: t[indices])
 
     def nbytes(self) -> int:
         """Bytes held by the used part of every slot (keys and values)."""

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
+from .generation_recurrent_depth import ExitCriterion, make_exit_criterion, speculative_generate
 
 StepSpec = int | tuple[int, int]
 
@@ -170,6 +171,14 @@ class BlockContext:
     start: int
     rows: torch.Tensor | None = None
 
+    def select(self, rows: torch.Tensor) -> BlockContext:
+        """The context of a subset of batch rows (adaptive exit: rows still iterating)."""
+        cos, sin = self.position_embeddings
+        if cos.shape[0] > 1:
+            cos, sin = cos[rows], sin[rows]
+        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        return BlockContext((cos, sin), mask, self.cache, self.start, rows)
+
 
 class Attention(nn.Module):
     """Causal self-attention with fused Wqkv, optional qk_bias (huginn), q/k/v biases (Qwen2), q/k norms (Qwen3)."""
@@ -213,10 +222,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update_block(k, v, phase, layer, step, ctx.start, ctx.rows)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        mask = ctx.attention_mask
-        if mask is not None and ctx.rows is not None:
-            mask = mask[ctx.rows]
-        y, _ = attention(self, q, k, v, mask, scaling=self.scaling, dropout=0.0)
+        y, _ = attention(self, q, k, v, ctx.attention_mask, scaling=self.scaling, dropout=0.0)
         return self.proj(y.reshape(b, t, -1))
 
 
@@ -271,7 +277,8 @@ class RecurrentDepthOutput(ModelOutput):
     cache: the `RecurrentCache` (also readable as `past_key_values`).
     latent_states: (B, T, D) the final latent state, normed as the coda sees it.
     hidden_states: embeddings, each prelude block, each core step, each coda block (the last one normed).
-    num_steps: (steps without gradient, steps with gradient) that this call ran.
+    num_steps: (steps without gradient, steps with gradient) that this call ran at most.
+    steps_used: (B,) recurrence steps each row ran (fewer than num_steps where an exit criterion stopped it).
     """
 
     loss: torch.Tensor | None = None
@@ -281,6 +288,7 @@ class RecurrentDepthOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     latent_states: torch.Tensor | None = None
     num_steps: tuple[int, int] | None = None
+    steps_used: torch.Tensor | None = None
 
 
 class RecurrentDepthPreTrainedModel(PreTrainedModel):
@@ -393,6 +401,46 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
                 record(state)
         return state
 
+    @torch.no_grad()
+    def iterate_adaptive(
+        self,
+        state: torch.Tensor,
+        embeds: torch.Tensor,
+        ctx: BlockContext,
+        max_steps: int,
+        criterion: ExitCriterion,
+        min_steps: int,
+        head: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Iterate each row until `criterion` says it converged (after >= min_steps, at most max_steps).
+
+        Rows that exited stop costing compute: later steps run on the remaining rows only, and the cache fills
+        their skipped steps with their last computed one. Returns the final states (B, T, D) and the steps each
+        row ran (B,).
+        """
+        batch = state.shape[0]
+        active = torch.arange(batch, device=state.device)
+        steps_used = torch.full((batch,), max_steps, dtype=torch.long, device=state.device)
+        criterion.start(state)
+        for step in range(max_steps):
+            sub = ctx if len(active) == batch else ctx.select(active)
+            new = self.core_step(state[active], embeds[active], sub, step)
+            state[active] = new
+            done = criterion.check(active, new, lambda sub=sub, new=new: self.readout(new, sub, head)[:, -1])
+            if step + 1 >= min_steps and done.any():
+                steps_used[active[done]] = step + 1
+                active = active[~done]
+                if len(active) == 0:
+                    break
+        return state, steps_used
+
+    def readout(self, state: torch.Tensor, ctx: BlockContext, head: nn.Module) -> torch.Tensor:
+        """Logits (B, T, V) that the coda and `head` give for a core state (the logit lens of a recurrence step)."""
+        x = self.ln_f(state) if self.config.core_output_norm else state
+        for block in self.coda:
+            x = block(x, ctx)
+        return head(self.ln_f(x)).float()
+
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """Scaled token embeddings (B, T, D), with the input checked against the vocabulary."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -437,6 +485,45 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         )
         return BlockContext(self.rotary(position_ids), mask, cache, past)
 
+    def resolve_cache(self, past_key_values: object, use_cache: bool | None) -> RecurrentCache | None:
+        """The RecurrentCache to use: the given one (an empty Transformers cache is replaced), a new one, or None."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed steps would write the cache twice
+        if not use_cache:
+            return None
+        if past_key_values is None:
+            return RecurrentCache(self.config)
+        if not isinstance(past_key_values, RecurrentCache):
+            if past_key_values.get_seq_length() != 0:
+                raise ValueError(
+                    f"past_key_values must be a RecurrentCache (got a non-empty {type(past_key_values).__name__})"
+                )
+            return RecurrentCache(self.config)
+        past_key_values.check_compatible(self.config)
+        return past_key_values
+
+    def initial_state(
+        self,
+        embeds: torch.Tensor,
+        input_states: torch.Tensor | None,
+        warm_start: bool,
+        cache: RecurrentCache | None,
+        init_scale: float,
+    ) -> torch.Tensor:
+        """Given `input_states`, else random (scaled by init_scale); with `warm_start` the first new position
+        starts from the previous position's final latent kept in the cache ("continuous compute")."""
+        if input_states is not None:
+            if input_states.shape != embeds.shape:
+                raise ValueError(f"input_states must have shape {tuple(embeds.shape)}, got {tuple(input_states.shape)}")
+            return input_states.to(embeds.dtype).clone()
+        state = self.initialize_state(embeds, init_scale)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
+        if warm_start and cache is not None and cache.last_latent is not None:
+            state[:, :1] = cache.last_latent.to(state.dtype)
+        return state
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -448,24 +535,20 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         num_steps: StepSpec | None = None,
         init_scale: float | None = None,
         input_states: torch.Tensor | None = None,
+        warm_start: bool = False,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        min_steps: int = 0,
         output_hidden_states: bool | None = None,
+        head: nn.Module | None = None,
         **kwargs,
     ) -> RecurrentDepthOutput:
-        """Prelude, `num_steps` core iterations, coda. Returns last hidden states (B, T, D) as `logits`=None output."""
-        cache = _one_cache(past_key_values, kwargs.pop("cache", None))
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # recomputed steps would write the cache twice
-        if use_cache and cache is None:
-            cache = RecurrentCache(self.config)
-        if cache is not None and not isinstance(cache, RecurrentCache):
-            if cache.get_seq_length() != 0:
-                raise ValueError(f"past_key_values must be a RecurrentCache (got a non-empty {type(cache).__name__})")
-            cache = RecurrentCache(self.config)
-        if cache is not None:
-            cache.check_compatible(self.config)
-        if not use_cache:
-            cache = None
+        """Prelude, core iterations, coda. `logits` of the output holds the final normed hidden states (B, T, D).
+
+        See RecurrentDepthForCausalLM.forward for the arguments; `head` is the output layer that logit-based exit
+        criteria read through.
+        """
+        cache = self.resolve_cache(_one_cache(past_key_values, kwargs.pop("cache", None)), use_cache)
         init_scale = self.config.init_scale if init_scale is None else init_scale
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale >= 0:
             raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
@@ -475,6 +558,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             steps = resolve_num_steps(
                 num_steps, self.config.mean_recurrence, self.training, self.config.mean_backprop_depth
             )
+        criterion = self._exit_criterion(exit_criterion, exit_threshold, min_steps, sum(steps), head)
 
         embeds = self.embed(input_ids, inputs_embeds)
         ctx = self.block_context(embeds, attention_mask, position_ids, cache)
@@ -487,13 +571,12 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             x = block(x, ctx)
             if hidden is not None:
                 hidden.append(x)
-        if input_states is None:
-            state = self.initialize_state(x, init_scale)
-        elif input_states.shape != x.shape:
-            raise ValueError(f"input_states must have shape {tuple(x.shape)}, got {tuple(input_states.shape)}")
+        state = self.initial_state(x, input_states, warm_start, cache, init_scale)
+        if criterion is None:
+            state = self.iterate(state, x, ctx, steps, record=hidden.append if hidden is not None else None)
+            steps_used = torch.full((x.shape[0],), sum(steps), dtype=torch.long, device=x.device)
         else:
-            state = input_states.to(x.dtype)
-        state = self.iterate(state, x, ctx, steps, record=hidden.append if hidden is not None else None)
+            state, steps_used = self.iterate_adaptive(state, x, ctx, sum(steps), criterion, min_steps, head)
         latent = self.ln_f(state) if self.config.core_output_norm else state
         x = latent
         for block in self.coda:
@@ -503,13 +586,35 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         x = self.ln_f(x)
         if hidden is not None:
             hidden[-1] = x
+        if cache is not None:
+            cache.record(ctx.start, steps_used, latent.shape[1], latent[:, -1:].detach())
         return RecurrentDepthOutput(
             logits=x,
             cache=cache,
             hidden_states=tuple(hidden) if hidden is not None else None,
             latent_states=latent,
             num_steps=steps,
+            steps_used=steps_used,
         )
+
+    def _exit_criterion(
+        self, name: str | None, threshold: object, min_steps: object, max_steps: int, head: nn.Module | None
+    ) -> ExitCriterion | None:
+        """Validate the adaptive-exit arguments; None when adaptive exit is off."""
+        if name is None:
+            if threshold is not None or min_steps:
+                raise ValueError("exit_threshold and min_steps only apply with an exit_criterion")
+            return None
+        if self.training:
+            raise ValueError("exit_criterion is an inference option; call model.eval() first")
+        if not _is_count(min_steps) or min_steps < 0:
+            raise TypeError(f"min_steps must be an int >= 0, got {min_steps!r}")
+        if max_steps < min_steps:
+            raise ValueError(f"num_steps ({max_steps}) is below min_steps ({min_steps})")
+        criterion = make_exit_criterion(name, threshold)
+        if criterion.needs_logits and head is None:
+            raise ValueError(f"exit_criterion {name!r} reads logits: use RecurrentDepthForCausalLM")
+        return criterion
 
 
 class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
@@ -529,6 +634,33 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots)."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by recurrent-depth "
+                "models; pass past_key_values=RecurrentCache(model.config, core_slots=N) to share cache slots"
+            )
+        model_kwargs["cache"] = RecurrentCache(self.config)
+
+    def generate(self, *args, **kwargs):
+        """Transformers' generate with `num_steps`, `init_scale`, `warm_start` and adaptive-exit options passed to
+        every forward. With return_dict_in_generate, the output also carries `num_steps_used` (B, new_tokens): the
+        recurrence steps that produced each generated token."""
+        output = super().generate(*args, **kwargs)
+        cache = output.get("cache") if isinstance(output, ModelOutput) else None
+        if isinstance(cache, RecurrentCache) and cache.steps is not None:
+            # Token i of the continuation was predicted at position prompt - 1 + i.
+            first = cache.prompt_length - 1
+            output["num_steps_used"] = cache.steps[:, first : output.sequences.shape[1] - 1]
+        return output
+
+    def generate_speculative(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Self-speculative greedy decoding (draft with few steps, verify with many); see `speculative_generate`."""
+        return speculative_generate(self, input_ids, **kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -541,6 +673,10 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
         num_steps: StepSpec | None = None,
         init_scale: float | None = None,
         input_states: torch.Tensor | None = None,
+        warm_start: bool = False,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        min_steps: int = 0,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -548,10 +684,16 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
         """Logits (B, T', V) in float32 for input_ids (B, T).
 
         num_steps: int r (default: config.mean_recurrence) or a pair (steps without grad, steps with grad); in
-            training mode with None, the depth is sampled as in the paper. init_scale: scale of the random initial
-            state (0 = zeros). input_states: (B, T, D) initial latents (warm start). labels: (B, T) token ids,
-            shifted inside, -100 ignored. logits_to_keep: compute logits only for the last k positions (or these
-            indices).
+            training mode with None the depth is sampled as in the paper, and an int backpropagates through its
+            last `mean_backprop_depth` steps.
+        init_scale: scale of the random initial state (0 = zeros; default config.init_scale).
+        input_states: (B, T, D) initial latents. warm_start: start the first new position from the previous
+            position's final latent kept in the cache ("continuous compute").
+        exit_criterion: per-row adaptive exit, one of "kl", "minp-kl", "entropy-diff", "latent-diff", "cosine",
+            "argmax-stability", with exit_threshold (None: published default) and min_steps; num_steps is then
+            the maximum. Steps each row ran are in `steps_used`.
+        labels: (B, T) token ids, shifted inside, -100 ignored.
+        logits_to_keep: compute logits only for the last k positions (0: all), or for these indices.
         """
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         out = self.transformer(
@@ -564,7 +706,12 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
             num_steps=num_steps,
             init_scale=init_scale,
             input_states=input_states,
+            warm_start=warm_start,
+            exit_criterion=exit_criterion,
+            exit_threshold=exit_threshold,
+            min_steps=min_steps,
             output_hidden_states=output_hidden_states,
+            head=self.lm_head,
             **kwargs,
         )
         hidden = out.logits
@@ -580,6 +727,7 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             latent_states=out.latent_states,
             num_steps=out.num_steps,
+            steps_used=out.steps_used,
         )
 
 
