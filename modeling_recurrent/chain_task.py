@@ -1,0 +1,331 @@
+"""The variable-chain reasoning task: generator, splits, character tokenizer and training batches.
+
+Specified in `specs/chain-task.md`. A problem such as `d=0;q=b+3;b=9;?g=` ... asks for the value of the last variable
+of one chain of `hops` dependent statements, hidden among distractor chains; arithmetic is modulo 10, so the answer
+is the single first character the model generates. This module depends only on the standard library, torch,
+tokenizers and transformers, so that it can be read (and the task reproduced) on its own.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+VARIABLES = string.ascii_lowercase
+ALPHABET = VARIABLES + string.digits + "=+-;?"
+MODULUS = 10  # every value is one decimal digit
+SEPARATOR = ";"
+PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<|endoftext|>", "<unk>"
+IGNORE_INDEX = -100  # label value the Transformers loss skips
+BYTE_IDS = 256  # batches are assembled as bytes, so every id the task uses must fit in one
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem; `prompt` is what the model sees, `answer` the digit it must generate first."""
+
+    prompt: str
+    answer: str
+    hops: int
+    statements: tuple[str, ...]  # in prompt order (shuffled)
+    values: dict[str, int]  # every variable of the problem
+    target: str
+    chain: tuple[str, ...]  # v0 .. v_hops of the target chain; chain[-1] == target
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inclusive (low, high) ranges a split draws its problems from."""
+
+    hops: tuple[int, int]
+    n_distractors: tuple[int, int]
+    distractor_hops: tuple[int, int]
+
+
+SPLITS: dict[str, Split] = {
+    "in-distribution": Split(hops=(0, 6), n_distractors=(1, 2), distractor_hops=(0, 3)),
+    # One short distractor keeps these no longer than training problems: only deeper iteration solves them.
+    "harder": Split(hops=(7, 10), n_distractors=(1, 1), distractor_hops=(0, 1)),
+}
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_range(name: str, bounds: tuple[int, int]) -> tuple[int, int]:
+    if len(bounds) != 2 or not 0 <= _check_count(name, bounds[0]) <= _check_count(name, bounds[1]):
+        raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {bounds!r}")
+    return bounds
+
+
+def generate_problem(
+    rng: random.Random,
+    hops: int,
+    *,
+    n_distractors: tuple[int, int] = (1, 2),
+    distractor_hops: tuple[int, int] = (0, 3),
+) -> Problem:
+    """A problem whose target chain has `hops` dependent statements, plus `n_distractors` distractor chains."""
+    _check_count("hops", hops)
+    _check_range("n_distractors", n_distractors)
+    _check_range("distractor_hops", distractor_hops)
+    # Checked against the worst case, so that valid arguments never fail on an unlucky draw.
+    most = hops + 1 + n_distractors[1] * (distractor_hops[1] + 1)
+    if most > len(VARIABLES):
+        raise ValueError(
+            f"hops={hops}, n_distractors={n_distractors}, distractor_hops={distractor_hops} can need {most} "
+            f"variables, more than the {len(VARIABLES)} letters"
+        )
+    lengths = [hops] + [rng.randint(*distractor_hops) for _ in range(rng.randint(*n_distractors))]
+    names = rng.sample(VARIABLES, sum(lengths) + len(lengths))
+    values: dict[str, int] = {}
+    statements: list[str] = []
+    start = 0
+    for length in lengths:
+        chain = names[start : start + length + 1]
+        start += length + 1
+        value = values[chain[0]] = rng.randrange(MODULUS)
+        statements.append(f"{chain[0]}={value}")
+        for previous, name in zip(chain, chain[1:], strict=False):
+            step = rng.randrange(MODULUS)
+            if rng.getrandbits(1):
+                value, op = (value + step) % MODULUS, "+"
+            else:
+                value, op = (value - step) % MODULUS, "-"
+            values[name] = value
+            statements.append(f"{name}={previous}{op}{step}")
+    target_chain = tuple(names[: hops + 1])
+    target = target_chain[-1]
+    rng.shuffle(statements)
+    prompt = f"{SEPARATOR.join(statements)}{SEPARATOR}?{target}="
+    return Problem(prompt, str(values[target]), hops, tuple(statements), values, target, target_chain)
+
+
+def _split(name: str) -> Split:
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; valid splits: {', '.join(SPLITS)}")
+    return SPLITS[name]
+
+
+def sample_problems(
+    split: str, n: int, seed: int, hops: int | None = None, *, max_hops: int | None = None
+) -> list[Problem]:
+    """`n` problems of `split`, reproducible from `seed`; hops uniform over the split's range (capped at `max_hops`)
+    unless `hops` fixes them."""
+    spec = _split(split)
+    _check_count("n", n)
+    low, high = spec.hops
+    if max_hops is not None:
+        if _check_count("max_hops", max_hops) < low:
+            raise ValueError(f"max_hops must be >= {low} for split {split!r}, got {max_hops}")
+        high = min(high, max_hops)
+    rng = random.Random(seed)
+    return [
+        generate_problem(
+            rng,
+            rng.randint(low, high) if hops is None else hops,
+            n_distractors=spec.n_distractors,
+            distractor_hops=spec.distractor_hops,
+        )
+        for _ in range(n)
+    ]
+
+
+def training_example(problem: Problem, rng: random.Random, n_queries: int) -> tuple[str, list[int]]:
+    """Statements then up to `n_queries` answered queries `;?x=a` (the target and other variables, in random order),
+    and the character indices of the answer digits. `n_queries=1` gives exactly `problem.prompt + problem.answer`."""
+    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
+        raise ValueError(f"n_queries must be an int >= 1, got {n_queries!r}")
+    others = [name for name in problem.values if name != problem.target]
+    queried = [problem.target, *rng.sample(others, min(n_queries - 1, len(others)))]
+    rng.shuffle(queried)  # else the model could learn that the first query is always the target
+    parts = [SEPARATOR.join(problem.statements)]
+    length, positions = len(parts[0]), []
+    for name in queried:
+        query = f"{SEPARATOR}?{name}={problem.values[name]}"
+        parts.append(query)
+        length += len(query)
+        positions.append(length - 1)
+    return "".join(parts), positions
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: `<pad>`=0, `<|endoftext|>`=1, `<unk>`=2, then one id per character of ALPHABET."""
+    vocab = {token: i for i, token in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, *ALPHABET])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    # Every character (whitespace included) is its own pre-token, so unknown text still costs one id per char.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join characters without the spaces WordLevel decoding would insert
+    backend.add_special_tokens([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,  # generation may need a bos for empty prompts; it is never added automatically
+        unk_token=UNK_TOKEN,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+class _Encoder:
+    """Task text -> right-padded id tensors, via a str.translate table (the hot path avoids the tokenizer call)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        vocab = tokenizer.get_vocab()
+        ids = {char: vocab.get(char) for char in ALPHABET}
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if None in ids.values() or self.pad_id is None or self.eos_id is None:
+            raise ValueError("the tokenizer needs a pad token, an eos token and one token per task character")
+        if max(*ids.values(), self.pad_id, self.eos_id) >= BYTE_IDS:
+            raise ValueError(f"the task's token ids must be < {BYTE_IDS}")
+        self.table = str.maketrans({char: chr(i) for char, i in ids.items()})
+
+    def __call__(
+        self, texts: Sequence[str], positions: Sequence[Sequence[int]], eos: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Right-padded ids; labels are the ids at `positions` (and at the appended eos), IGNORE_INDEX elsewhere."""
+        width = max(map(len, texts)) + eos
+        buffer = bytearray([self.pad_id]) * (len(texts) * width)
+        lengths, rows, cols = [], [], []
+        for row, (text, answers) in enumerate(zip(texts, positions, strict=True)):
+            encoded = text.translate(self.table).encode("latin-1") + bytes([self.eos_id] if eos else [])
+            buffer[row * width : row * width + len(encoded)] = encoded
+            lengths.append(len(encoded))
+            rows.extend([row] * (len(answers) + eos))
+            cols.extend([*answers, len(encoded) - 1] if eos else answers)
+        input_ids = torch.frombuffer(buffer, dtype=torch.uint8).view(len(texts), width).long()
+        attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[rows, cols] = input_ids[rows, cols]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _draw_hops(
+    rng: random.Random, n: int, hops: tuple[int, int] | None, hop_weights: Sequence[float] | None
+) -> list[int]:
+    if hops is not None and hop_weights is not None:
+        raise ValueError("give hops or hop_weights, not both")
+    if hop_weights is None:
+        low, high = _check_range("hops", hops or SPLITS["in-distribution"].hops)
+        return [rng.randint(low, high) for _ in range(n)]
+    if not hop_weights or min(hop_weights) < 0 or sum(hop_weights) <= 0:
+        raise ValueError(f"hop_weights must be >= 0 with a positive sum, got {hop_weights!r}")
+    return rng.choices(range(len(hop_weights)), weights=hop_weights, k=n)
+
+
+def training_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    rng: random.Random,
+    batch_size: int,
+    hops: tuple[int, int] | None = None,
+    n_queries: int = 4,
+    *,
+    hop_weights: Sequence[float] | None = None,
+    encoder: _Encoder | None = None,
+) -> dict[str, torch.Tensor]:
+    """One batch of in-distribution-style problems; hops uniform over the inclusive range `hops` (default 0-6), or
+    drawn with `hop_weights[h]` the weight of `h` hops (a curriculum)."""
+    if _check_count("batch_size", batch_size) == 0:
+        raise ValueError("batch_size must be >= 1")
+    spec = SPLITS["in-distribution"]
+    texts, positions = [], []
+    for h in _draw_hops(rng, batch_size, hops, hop_weights):
+        problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
+        text, answers = training_example(problem, rng, n_queries)
+        texts.append(text)
+        positions.append(answers)
+    return (encoder or _Encoder(tokenizer))(texts, positions)
+
+
+class ChainBatches:
+    """Endless training batches; batch k depends only on (seed, k), so a resumed run sees the same data.
+
+    `hops` / `hop_weights` may be reassigned between batches to follow a curriculum.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        seed: int,
+        batch_size: int,
+        hops: tuple[int, int] | None = None,
+        *,
+        hop_weights: Sequence[float] | None = None,
+        n_queries: int = 4,
+        start: int = 0,
+    ) -> None:
+        self.encoder = _Encoder(tokenizer)
+        self.tokenizer, self.seed, self.batch_size, self.n_queries = tokenizer, seed, batch_size, n_queries
+        self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Batch number `index` (independent of any other batch)."""
+        rng = random.Random(f"{self.seed}-{index}")
+        return training_batch(
+            self.tokenizer,
+            rng,
+            self.batch_size,
+            self.hops,
+            self.n_queries,
+            hop_weights=self.hop_weights,
+            encoder=self.encoder,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self.index += 1
+        return self.batch(self.index - 1)
+
+
+def accuracy_by_hops(predictions: Sequence[str], problems: Sequence[Problem]) -> dict:
+    """`{"accuracy": overall, "by_hops": {hops: accuracy}}`, a prediction counting when its first char is the answer."""
+    if len(predictions) != len(problems):
+        raise ValueError(f"{len(predictions)} predictions for {len(problems)} problems")
+    tally: dict[int, list[int]] = {}
+    for prediction, problem in zip(predictions, problems, strict=True):
+        tally.setdefault(problem.hops, []).append(prediction[:1] == problem.answer)
+    correct = [hit for hits in tally.values() for hit in hits]
+    return {
+        "accuracy": sum(correct) / len(correct) if correct else 0.0,
+        "by_hops": {h: sum(hits) / len(hits) for h, hits in sorted(tally.items())},
+    }
+
+
+@torch.no_grad()
+def evaluate_first_token(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    split: str,
+    n: int,
+    *,
+    seed: int,
+    max_hops: int | None = None,
+    batch_size: int = 64,
+    **forward_kwargs: object,
+) -> dict:
+    """Greedy first generated token on `n` fresh problems (as `generate` would pick it); `accuracy_by_hops` result.
+
+    `forward_kwargs` (e.g. `num_steps`) go to the model's forward.
+    """
+    problems = sample_problems(split, n, seed, max_hops=max_hops)
+    encoder, predictions = _Encoder(tokenizer), []
+    for begin in range(0, len(problems), batch_size):
+        chunk = [p.prompt for p in problems[begin : begin + batch_size]]
+        batch = encoder(chunk, [[] for _ in chunk], eos=False)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs).logits
+        # Right padding: each row's prediction is read at its own last prompt character.
+        ids = logits[torch.arange(len(chunk)), batch["attention_mask"].sum(1) - 1].argmax(-1)
+        predictions.extend(tokenizer.convert_ids_to_tokens(ids.tolist()))
+    return accuracy_by_hops(predictions, problems)

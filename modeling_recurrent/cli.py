@@ -1,0 +1,97 @@
+"""The `recurrent-depth` command: demo, train, convert, upload, eval, trace, bench.
+
+Each subcommand's options live beside its implementation; this module only assembles them, and imports the
+heavy parts when a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help, example); each module has add_arguments(parser) and run(args), or builds
+# its own subparser with add_<name>_parser(subparsers).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "modeling_recurrent.demo",
+        "test-time scaling on the shipped chain model: accuracy by hops x num_steps, with a plot",
+        "recurrent-depth demo --steps 1,2,4,8,16,32,64 --n 300 --out demo-out",
+    ),
+    "train": (
+        "modeling_recurrent.train",
+        "variable-depth training (chain task or local text), resumable, data-parallel with torchrun",
+        "recurrent-depth train --config chain-tiny --data chain --steps 4000 --out runs/chain",
+    ),
+    "convert": (
+        "modeling_recurrent.convert.cli",
+        "convert published huginn, pretraining .pth or Llama-family checkpoints",
+        "recurrent-depth convert llama SRC DST --prelude 0-3 --core 10-17 --coda 18-21",
+    ),
+    "upload": (
+        "modeling_recurrent.convert.cli",
+        "upload a model folder with its model card and remote code to the Hugging Face Hub",
+        "recurrent-depth upload runs/chain/final user/chain-tiny --dry-run",
+    ),
+    "eval": (
+        "modeling_recurrent.evaluate",
+        "lm-eval-harness across num_steps (and adaptive exit), with a results JSON and a plot",
+        "recurrent-depth eval --model PATH --tasks chain_mc --num-steps 1,4,16,32",
+    ),
+    "trace": (
+        "modeling_recurrent.trace",
+        "record latent trajectories of a prompt and plot convergence, PCA orbits and exit steps",
+        "recurrent-depth trace --model PATH --prompt 'q=4;b=7;c=b+3;?c=' --num-steps 64 --out trace-out",
+    ),
+    "bench": (
+        "modeling_recurrent.bench",
+        "speed and memory against an unrolled Llama of the same depth, as ratios",
+        "recurrent-depth bench --preset tiny --out bench.json",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recurrent-depth",
+        description="Recurrent-depth language models: spend more compute at test time with more recurrence steps.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text, example) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:  # a subcommand whose optional dependencies are missing
+            cmd = sub.add_parser(name, help=f"{help_text} (unavailable: {error})")
+            cmd.set_defaults(func=lambda args, error=error: _unavailable(error))
+            continue
+        if not hasattr(module, "add_arguments"):  # the module builds its own subparser (convert, upload)
+            getattr(module, f"add_{name}_parser")(sub)
+            continue
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(func=module.run)
+    return parser
+
+
+def _unavailable(error: ImportError) -> int:
+    print(f"this command needs an optional dependency: {error}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"recurrent-depth {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Variable-depth training (`recurrent-depth train`).
+
+The model is trained as in the paper: each optimizer step draws its depth from the Poisson-lognormal sampler and
+backpropagates only through the last `mean_backprop_depth` steps. The depth is drawn from a generator seeded by
+(seed, step), identically on every rank, and every rank takes its slice of one global batch, so
+`torchrun --nproc_per_node N` (DDP over gloo on CPU, nccl on GPU) follows the same loss curve as one process with the
+same global batch. Checkpoints are `save_pretrained` folders plus the optimizer state, written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from .modeling_recurrent_depth import sample_num_steps
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainArgs:
+    """Everything one training run is defined by (saved beside each checkpoint)."""
+
+    out: str
+    data: str = "chain"  # "chain" or a local .txt / .jsonl file (or a folder of them)
+    model: str | None = None  # existing checkpoint to fine-tune; else a new model from `config`
+    config: str | None = None  # preset name or config folder for a new model
+    config_overrides: dict = field(default_factory=dict)
+    tokenizer: str | None = None
+    steps: int = 1000
+    batch_size: int = 32  # global batch (sequences per optimizer step, over all ranks)
+    seq_len: int = 256  # text data: packed sequence length
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 200
+    eval_steps: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+    eval_samples: int = 200
+    save_every: int = 200
+    activation_checkpointing: bool = False
+    lora_rank: int = 0
+    text_field: str = "text"
+    chain_queries: int = 4
+    chain_curriculum: bool = True
+    chain_start_hops: int = 1
+    chain_advance_at: float = 0.8
+    mean_recurrence: int | None = None  # training depth mean (default: the config's)
+
+
+def distributed_setup() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def build_model(args: TrainArgs):
+    """The model to train: a fine-tuned checkpoint (optionally with LoRA) or a fresh one from a config."""
+    torch.manual_seed(args.seed)  # same initial weights on every rank and in every equivalent run
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, **args.config_overrides)
+    else:
+        if not args.config:
+            raise ValueError("give --model (a checkpoint to fine-tune) or --config (a preset or config folder)")
+        config = AutoConfig.from_pretrained(_config_path(args.config), **args.config_overrides)
+        model = AutoModelForCausalLM.from_config(config)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=2 * args.lora_rank,
+            target_modules=["Wqkv", "proj", "fc", "adapter"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def _config_path(name: str) -> str:
+    if Path(name).is_dir():
+        return name
+    from .configuration import preset_path
+
+    return str(preset_path(name))
+
+
+def text_batches(args: TrainArgs, tokenizer, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Packed next-token batches from local text/jsonl files through `datasets` (this rank's slice)."""
+    from datasets import load_dataset
+
+    path = Path(args.data)
+    files = (
+        sorted(str(p) for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json"))
+        if path.is_dir()
+        else [str(path)]
+    )
+    if not files or not all(Path(f).exists() for f in files):
+        raise ValueError(f"--data {args.data!r}: no .txt / .jsonl files found")
+    kind = "text" if files[0].endswith(".txt") else "json"
+    dataset = load_dataset(kind, data_files=files, split="train")
+    if args.text_field not in dataset.column_names:
+        raise ValueError(f"--data has columns {dataset.column_names}; choose one with --text-field")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in dataset[args.text_field]:
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else []))
+    block = args.seq_len
+    blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+    if len(blocks) < args.batch_size:
+        raise ValueError(f"--data gives {len(blocks)} sequences of {block} tokens, fewer than one batch")
+    step = 0
+    while True:
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed + step))
+        for start in range(0, len(blocks) - args.batch_size + 1, args.batch_size):
+            batch = blocks[order[start : start + args.batch_size]][rank::world]
+            yield {"input_ids": batch, "labels": batch.clone(), "attention_mask": torch.ones_like(batch)}
+        step += 1
+
+
+class Trainer:
+    """Runs `args.steps` optimizer steps with periodic evaluation and resumable checkpoints."""
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+        self.rank, self.world = distributed_setup()
+        if args.batch_size % self.world:
+            raise ValueError(
+                f"--batch-size {args.batch_size} must be divisible by the number of processes {self.world}"
+            )
+        self.out = Path(args.out)
+        self.model = build_model(args)
+        self.config = self.model.config
+        self.tokenizer = self._load_tokenizer()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=args.lr,
+            betas=(0.9, 0.95),
+            weight_decay=args.weight_decay,
+        )
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, args.warmup, args.steps)
+        self.step = 0
+        self.curriculum_hops = args.chain_start_hops
+        self.history: list[dict] = []
+        self._resume()
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+
+    def _load_tokenizer(self):
+        source = self.args.tokenizer or self.args.model
+        if source:
+            return AutoTokenizer.from_pretrained(source)
+        if self.args.data == "chain":
+            from .chain_task import build_tokenizer
+
+            return build_tokenizer()
+        raise ValueError("text data needs a tokenizer: pass --tokenizer (a folder with tokenizer.json)")
+
+    # ----- checkpoints -------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        last = self.out / "checkpoint-last"
+        if not (last / STATE_FILE).exists():
+            return
+        state = torch.load(last / STATE_FILE, weights_only=False)
+        weights = AutoModelForCausalLM.from_pretrained(last).state_dict()
+        self.model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.curriculum_hops, self.history = state["step"], state["curriculum_hops"], state["history"]
+        if self.rank == 0:
+            print(f"resumed from {last} at step {self.step}")
+
+    def save(self, name: str = "checkpoint-last") -> Path:
+        """Atomically write model, tokenizer and trainer state to OUT/name (rank 0 only)."""
+        final = self.out / name
+        if self.rank != 0:
+            return final
+        tmp = self.out / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model.merge_and_unload() if self.args.lora_rank and name == "final" else self.model
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "curriculum_hops": self.curriculum_hops,
+                "history": self.history,
+                "args": asdict(self.args),
+            },
+            tmp / STATE_FILE,
+        )
+        old = self.out / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # ----- data and steps ----------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.args.data != "chain":
+            return text_batches(self.args, self.tokenizer, self.rank, self.world)
+        return self._chain_batches()
+
+    def _chain_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        from .chain_task import training_batch
+
+        while True:
+            rng = random.Random(f"{self.args.seed}-{self.step}")  # the global batch depends only on the step
+            batch = training_batch(
+                self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries
+            )
+            yield {k: v[self.rank :: self.world] for k, v in batch.items()}
+
+    def _hop_range(self) -> tuple[int, int]:
+        if not self.args.chain_curriculum:
+            return 0, 6
+        return 0, min(self.curriculum_hops, 6)
+
+    def train_mean_recurrence(self) -> int:
+        """Mean training depth; during the chain curriculum it grows with the hops (shallow problems need few
+        steps, so early training is cheaper)."""
+        mean = self.args.mean_recurrence or self.config.mean_recurrence
+        if self.args.data == "chain" and self.args.chain_curriculum:
+            mean = min(mean, 4 + 2 * self.curriculum_hops)
+        return mean
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """One optimizer step on this rank's slice; returns (global mean loss, tokens processed here)."""
+        self.model.train()
+        depth = sample_num_steps(
+            self.config.mean_recurrence,
+            self.config.mean_backprop_depth,
+            torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.step),
+        )
+        supervised = (batch["labels"][:, 1:] != -100).sum()
+        total = supervised.clone()
+        if self.world > 1:
+            dist.all_reduce(total)
+        out = self.ddp(**batch, num_steps=depth, num_items_in_batch=total.to(torch.float32))
+        # DDP averages gradients over ranks; the loss is a sum over this rank's tokens / global token count.
+        (out.loss * self.world).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = out.loss.detach() * self.world
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return float(loss), int(batch["attention_mask"].sum())
+
+    # ----- evaluation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        if self.args.data == "chain":
+            from .chain_task import evaluate_first_token
+
+            result = {
+                f"acc@{r}": evaluate_first_token(
+                    self.model,
+                    self.tokenizer,
+                    "in-distribution",
+                    self.args.eval_samples,
+                    seed=10_000 + self.step,
+                    num_steps=r,
+                    max_hops=self._hop_range()[1],
+                )
+                for r in self.args.eval_steps
+            }
+        else:
+            batch = next(iter(text_batches(self.args, self.tokenizer, 0, 1)))
+            result = {
+                f"loss@{r}": float(self.model(**batch, num_steps=r, init_scale=0.0).loss) for r in self.args.eval_steps
+            }
+        self.model.train()
+        return result
+
+    def _maybe_advance_curriculum(self, result: dict) -> None:
+        if self.args.data != "chain" or not self.args.chain_curriculum or self.curriculum_hops >= 6:
+            return
+        best = max(v["by_hops"].get(self.curriculum_hops, 0.0) for v in result.values())
+        if best >= self.args.chain_advance_at:
+            self.curriculum_hops += 1
+
+    def run(self) -> Path:
+        args = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
+        bar = tqdm(total=args.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
+        data = self.batches()
+        started, tokens = time.time(), 0
+        while self.step < args.steps:
+            loss, n = self.train_step(next(data))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
+            self.step += 1
+            tokens += n * self.world
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                tok_s=f"{tokens / (time.time() - started):.0f}",
+                hops=self.curriculum_hops if args.data == "chain" else None,
+            )
+            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+            if self.step % args.eval_every == 0 or self.step == args.steps:
+                record["eval"] = self.evaluate()
+                self._maybe_advance_curriculum(record["eval"])
+                record["curriculum_hops"] = self.curriculum_hops
+                if self.rank == 0:
+                    bar.write(
+                        json.dumps(
+                            {
+                                "step": self.step,
+                                **{k: v["accuracy"] if isinstance(v, dict) else v for k, v in record["eval"].items()},
+                            }
+                        )
+                    )
+            self.history.append(record)
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if self.step % args.save_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        return self.save("final")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of `recurrent-depth train` (one per TrainArgs field)."""
+    defaults = TrainArgs(out="")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl); resumes if present")
+    parser.add_argument(
+        "--data", default=defaults.data, help="'chain' (the built-in task) or a .txt/.jsonl file or folder"
+    )
+    parser.add_argument("--model", help="checkpoint folder to fine-tune (e.g. a retrofitted model)")
+    parser.add_argument("--config", help="preset name (tiny, huginn-0125, chain-tiny) or config folder for a new model")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. --set hidden_size=256 (repeatable)",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, or the chain tokenizer)")
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "warmup",
+        "seed",
+        "eval_every",
+        "eval_samples",
+        "save_every",
+        "lora_rank",
+        "chain_queries",
+        "chain_start_hops",
+    ):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "chain_advance_at"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument(
+        "--eval-steps",
+        default=",".join(map(str, defaults.eval_steps)),
+        help="comma-separated num_steps for periodic evaluation",
+    )
+    parser.add_argument("--text-field", default=defaults.text_field)
+    parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each recurrence step")
+    parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false")
+
+
+def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    """Validate parsed options into TrainArgs (ValueError naming the option on bad input)."""
+    overrides = {}
+    for item in ns.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" or value in ("null",) else value
+    steps = [int(s) for s in ns.eval_steps.split(",") if s.strip()]
+    if not steps or min(steps) < 1:
+        raise ValueError(f"--eval-steps must be positive integers, got {ns.eval_steps!r}")
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(ns, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
+    return TrainArgs(**{**fields, "config_overrides": overrides, "eval_steps": steps})
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of `recurrent-depth train`."""
+    args = args_from_namespace(ns)
+    final = Trainer(args).run()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"saved {final}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
