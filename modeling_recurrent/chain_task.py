@@ -327,5 +327,5 @@ def evaluate_first_token(
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs).logits
         # Right padding: each row's prediction is read at its own last prompt character.
         ids = logits[torch.arange(len(chunk)), batch["attention_mask"].sum(1) - 1].argmax(-1)
-        predictions.extend(tokenizer.convert_ids_to_tokens(ids.tolist()))
+        predictions.extend(token or "" for token in tokenizer.convert_ids_to_tokens(ids.tolist()))
     return accuracy_by_hops(predictions, problems)

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,37 +103,35 @@ def _config_path(name: str) -> str:
     return str(preset_path(name))
 
 
-def text_batches(args: TrainArgs, tokenizer, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Packed next-token batches from local text/jsonl files through `datasets` (this rank's slice)."""
+def load_text_blocks(args: TrainArgs, tokenizer) -> torch.Tensor:
+    """Local .txt / .jsonl files (through `datasets`), tokenized and packed into (N, seq_len) blocks."""
     from datasets import load_dataset
 
     path = Path(args.data)
-    files = (
-        sorted(str(p) for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json"))
-        if path.is_dir()
-        else [str(path)]
-    )
-    if not files or not all(Path(f).exists() for f in files):
-        raise ValueError(f"--data {args.data!r}: no .txt / .jsonl files found")
-    kind = "text" if files[0].endswith(".txt") else "json"
-    dataset = load_dataset(kind, data_files=files, split="train")
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json"))
+    else:
+        files = [str(path)] if path.is_file() else []
+    if not files:
+        raise ValueError(f"--data {args.data!r}: not 'chain' and no .txt / .jsonl files found there")
+    dataset = load_dataset("text" if files[0].endswith(".txt") else "json", data_files=files, split="train")
     if args.text_field not in dataset.column_names:
         raise ValueError(f"--data has columns {dataset.column_names}; choose one with --text-field")
-    eos = tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for text in dataset[args.text_field]:
-        ids.extend(tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else []))
-    block = args.seq_len
-    blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids + eos)
+    blocks = torch.tensor(ids[: len(ids) // args.seq_len * args.seq_len]).view(-1, args.seq_len)
     if len(blocks) < args.batch_size:
-        raise ValueError(f"--data gives {len(blocks)} sequences of {block} tokens, fewer than one batch")
-    step = 0
-    while True:
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed + step))
-        for start in range(0, len(blocks) - args.batch_size + 1, args.batch_size):
-            batch = blocks[order[start : start + args.batch_size]][rank::world]
-            yield {"input_ids": batch, "labels": batch.clone(), "attention_mask": torch.ones_like(batch)}
-        step += 1
+        raise ValueError(f"--data gives {len(blocks)} sequences of {args.seq_len} tokens, fewer than one batch")
+    return blocks
+
+
+def text_batch(blocks: torch.Tensor, batch_size: int, seed: int, step: int) -> dict[str, torch.Tensor]:
+    """The global batch of `step`: `batch_size` blocks drawn without replacement by a generator seeded by the step."""
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    batch = blocks[order[:batch_size]]
+    return {"input_ids": batch, "labels": batch.clone(), "attention_mask": torch.ones_like(batch)}
 
 
 class Trainer:
@@ -161,11 +158,13 @@ class Trainer:
         self.step = 0
         self.curriculum_hops = args.chain_start_hops
         self.history: list[dict] = []
+        self._blocks: torch.Tensor | None = None
         self._resume()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
 
     def _load_tokenizer(self):
-        source = self.args.tokenizer or self.args.model
+        resumed = self.out / "checkpoint-last"
+        source = self.args.tokenizer or self.args.model or (resumed if (resumed / STATE_FILE).exists() else None)
         if source:
             return AutoTokenizer.from_pretrained(source)
         if self.args.data == "chain":
@@ -218,20 +217,21 @@ class Trainer:
         return final
 
     # ----- data and steps ----------------------------------------------------------------------------------------
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def global_batch(self) -> dict[str, torch.Tensor]:
+        """The batch of the current step over all ranks; it depends only on (seed, step), so resuming and any
+        number of ranks see the same data."""
         if self.args.data != "chain":
-            return text_batches(self.args, self.tokenizer, self.rank, self.world)
-        return self._chain_batches()
-
-    def _chain_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+            if self._blocks is None:
+                self._blocks = load_text_blocks(self.args, self.tokenizer)
+            return text_batch(self._blocks, self.args.batch_size, self.args.seed, self.step)
         from .chain_task import training_batch
 
-        while True:
-            rng = random.Random(f"{self.args.seed}-{self.step}")  # the global batch depends only on the step
-            batch = training_batch(
-                self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries
-            )
-            yield {k: v[self.rank :: self.world] for k, v in batch.items()}
+        rng = random.Random(f"{self.args.seed}-{self.step}")
+        return training_batch(self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries)
+
+    def local_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's rows of the global batch."""
+        return {k: v[self.rank :: self.world] for k, v in self.global_batch().items()}
 
     def _hop_range(self) -> tuple[int, int]:
         if not self.args.chain_curriculum:
@@ -246,6 +246,17 @@ class Trainer:
             mean = min(mean, 4 + 2 * self.curriculum_hops)
         return mean
 
+    def _initial_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's rows of the global batch's random initial states, drawn from a generator seeded by the step,
+        so that any number of ranks (and a resumed run) start from the same states."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        rows, width = batch["input_ids"].shape[0] * self.world, batch["input_ids"].shape[1]
+        with torch.random.fork_rng():
+            torch.manual_seed(self.args.seed * 1_000_003 + self.step)
+            zeros = torch.zeros(rows, width, self.config.hidden_size, dtype=base.dtype)
+            states = base.transformer.initialize_state(zeros, self.config.init_scale)
+        return states[self.rank :: self.world]
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """One optimizer step on this rank's slice; returns (global mean loss, tokens processed here)."""
         self.model.train()
@@ -258,7 +269,8 @@ class Trainer:
         total = supervised.clone()
         if self.world > 1:
             dist.all_reduce(total)
-        out = self.ddp(**batch, num_steps=depth, num_items_in_batch=total.to(torch.float32))
+        out = self.ddp(**batch, num_steps=depth, input_states=self._initial_states(batch),
+                       num_items_in_batch=total.to(torch.float32))
         # DDP averages gradients over ranks; the loss is a sum over this rank's tokens / global token count.
         (out.loss * self.world).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
@@ -291,7 +303,7 @@ class Trainer:
                 for r in self.args.eval_steps
             }
         else:
-            batch = next(iter(text_batches(self.args, self.tokenizer, 0, 1)))
+            batch = text_batch(self._blocks, self.args.batch_size, self.args.seed + 1, 0)
             result = {
                 f"loss@{r}": float(self.model(**batch, num_steps=r, init_scale=0.0).loss) for r in self.args.eval_steps
             }
@@ -310,10 +322,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
         bar = tqdm(total=args.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
-        data = self.batches()
         started, tokens = time.time(), 0
         while self.step < args.steps:
-            loss, n = self.train_step(next(data))
+            loss, n = self.train_step(self.local_batch())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
             self.step += 1

@@ -1,0 +1,90 @@
+"""Variable-depth training: the loss falls, runs resume and data-parallel runs follow the same curve."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from modeling_recurrent.cli import main
+from modeling_recurrent.train import TrainArgs, Trainer
+
+TINY = ["--config", "tiny", "--set", "vocab_size=44", "--set", "hidden_size=32", "--set", "mean_recurrence=3",
+        "--set", "mean_backprop_depth=2"]
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def train(out, *extra, steps=6):
+    args = ["train", "--data", "chain", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+            "--eval-every", "1000", "--save-every", "2", "--warmup", "1", "--lr", "3e-3", *TINY, *extra]
+    assert main(args) == 0
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    args = TrainArgs(out=str(tmp_path), config="tiny", steps=40, batch_size=16, lr=3e-3, warmup=2, eval_every=20,
+                     eval_samples=16, eval_steps=[1, 3], save_every=100, chain_curriculum=False,
+                     config_overrides={"mean_recurrence": 3, "mean_backprop_depth": 2})
+    trainer = Trainer(args)
+    final = trainer.run()
+    curve = [r["loss"] for r in trainer.history]
+    assert sum(curve[-8:]) / 8 < sum(curve[:8]) / 8 - 0.3
+    assert "acc@3" in trainer.history[19]["eval"]
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+
+
+def test_resume_after_a_crash_continues_the_same_curve(tmp_path, monkeypatch):
+    train(tmp_path / "straight", steps=6)
+    original = Trainer.train_step
+
+    def crash_at_step_five(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", steps=6)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    train(tmp_path / "resumed", steps=6)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
+
+
+def test_text_data_with_loss_on_every_token(tmp_path):
+    from modeling_recurrent.chain_task import build_tokenizer, sample_problems
+
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "data.jsonl").write_text(
+        "\n".join(json.dumps({"text": p.prompt + p.answer}) for p in sample_problems("in-distribution", 60, 0))
+    )
+    train(tmp_path / "run", "--data", str(tmp_path / "data.jsonl"), "--tokenizer", str(tmp_path / "tok"),
+          "--seq-len", "32", steps=3)
+    assert len(losses(tmp_path / "run")) == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    train(tmp_path / "one", steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "modeling_recurrent.cli", "train", "--data", "chain", "--out", str(tmp_path / "two"), "--steps", "3",
+           "--batch-size", "8", "--eval-every", "1000", "--save-every", "2", "--warmup", "1", "--lr", "3e-3", *TINY]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
+        "checkpoint-last", "final", "log.jsonl"]
+
+
+def test_bad_options(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--config", "tiny", "--eval-steps", "0,2"])
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--config", "nope"])
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--config", "tiny", "--data", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--config", "tiny", "--bogus"])
