@@ -140,16 +140,28 @@ def sample_problems(
     ]
 
 
-def training_example(problem: Problem, rng: random.Random, n_queries: int) -> tuple[str, list[int]]:
-    """Statements then up to `n_queries` answered queries `;?x=a` (the target and other variables, in random order),
-    and the character indices of the answer digits. `n_queries=1` gives exactly `problem.prompt + problem.answer`."""
+def training_example(
+    problem: Problem, rng: random.Random, n_queries: int, n_repeats: int = 0
+) -> tuple[str, list[int]]:
+    """Statements, then `n_repeats` of them repeated (`;b=9`), then up to `n_queries` answered queries `;?x=a` (the
+    target and other variables, in random order), and the character indices that are supervised: the answer digits,
+    and every character of a repeated statement after its variable name.
+
+    Repeats teach the look-up the queries need (what followed `b=` earlier follows `b=` again: an induction head)
+    with dense supervision. `n_queries=1, n_repeats=0` gives exactly `problem.prompt + problem.answer`."""
     if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
         raise ValueError(f"n_queries must be an int >= 1, got {n_queries!r}")
+    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 0:
+        raise ValueError(f"n_repeats must be an int >= 0, got {n_repeats!r}")
     others = [name for name in problem.values if name != problem.target]
     queried = [problem.target, *rng.sample(others, min(n_queries - 1, len(others)))]
     rng.shuffle(queried)  # else the model could learn that the first query is always the target
     parts = [SEPARATOR.join(problem.statements)]
     length, positions = len(parts[0]), []
+    for statement in rng.sample(problem.statements, min(n_repeats, len(problem.statements))):
+        parts.append(SEPARATOR + statement)
+        positions.extend(range(length + 2, length + 1 + len(statement)))  # after ';' and the variable name
+        length += 1 + len(statement)
     for name in queried:
         query = f"{SEPARATOR}?{name}={problem.values[name]}"
         parts.append(query)
@@ -230,6 +242,7 @@ def training_batch(
     hops: tuple[int, int] | None = None,
     n_queries: int = 4,
     *,
+    n_repeats: int = 0,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -241,7 +254,7 @@ def training_batch(
     texts, positions = [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
-        text, answers = training_example(problem, rng, n_queries)
+        text, answers = training_example(problem, rng, n_queries, n_repeats)
         texts.append(text)
         positions.append(answers)
     return (encoder or _Encoder(tokenizer))(texts, positions)

@@ -56,6 +56,7 @@ class TrainArgs:
     lora_rank: int = 0
     text_field: str = "text"
     chain_queries: int = 4
+    chain_repeats: int = 2
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
@@ -68,6 +69,16 @@ def distributed_setup() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: decaying norm weights, biases or the (tied) embedding would pull the
+    sandwich norms toward zero."""
+    decay, keep = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 and "wte" not in name else keep).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def build_model(args: TrainArgs):
@@ -149,7 +160,7 @@ class Trainer:
         self.config = self.model.config
         self.tokenizer = self._load_tokenizer()
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            parameter_groups(self.model, args.weight_decay),
             lr=args.lr,
             betas=(0.9, 0.95),
             weight_decay=args.weight_decay,
@@ -227,7 +238,8 @@ class Trainer:
         from .chain_task import training_batch
 
         rng = random.Random(f"{self.args.seed}-{self.step}")
-        return training_batch(self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries)
+        return training_batch(self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries,
+                              n_repeats=self.args.chain_repeats)
 
     def local_batch(self) -> dict[str, torch.Tensor]:
         """This rank's rows of the global batch."""
@@ -388,6 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "save_every",
         "lora_rank",
         "chain_queries",
+        "chain_repeats",
         "chain_start_hops",
     ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))

@@ -250,3 +250,16 @@ def test_evaluate_first_token_reads_the_last_prompt_position():
     tok = build_tokenizer()
     result = evaluate_first_token(Oracle(tok), tok, "harder", 20, seed=0, batch_size=8, num_steps=3)
     assert result["accuracy"] == 1.0 and set(result["by_hops"]) <= {7, 8, 9, 10}
+
+
+def test_repeated_statements_supervise_what_follows_the_variable():
+    problem = generate_problem(random.Random(5), 3)
+    text, positions = training_example(problem, random.Random(6), n_queries=2, n_repeats=2)
+    body = ";".join(problem.statements)
+    repeated = text[len(body) + 1 :].split(";?")[0].split(";")
+    assert len(repeated) == 2 and all(r in problem.statements for r in repeated)
+    supervised = "".join(text[i] for i in positions)
+    assert supervised.startswith("".join(r[1:] for r in repeated))  # e.g. "=9" and "=b+3": not the variable names
+    assert len(positions) == sum(len(r) - 1 for r in repeated) + 2
+    with pytest.raises(ValueError, match="n_repeats"):
+        training_example(problem, random.Random(0), 1, -1)
