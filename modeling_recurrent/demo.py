@@ -22,7 +22,7 @@ DEFAULT_STEPS = "1,2,4,8,16,32,64"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: the shipped chain model)")
     parser.add_argument("--steps", default=DEFAULT_STEPS, help="comma-separated num_steps to evaluate")
-    parser.add_argument("--n", type=int, default=280, help="problems per split (in-distribution and harder)")
+    parser.add_argument("--n", type=int, default=120, help="problems per split (in-distribution and harder)")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the fresh problems")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default="demo-out", help="output directory (created if missing)")

@@ -1,0 +1,275 @@
+"""KV cache for recurrent-depth models.
+
+Every (prelude layer | core step and layer | coda layer) writes its keys and values to a *slot*; `RecurrentCache.slot`
+is the one function that owns that mapping. Each slot stores contiguous tensors of shape (B, kv_heads, capacity,
+head_dim) that grow by doubling, so appending a token is amortized O(1) and nothing is re-stacked.
+
+Sharing across recurrence steps trades memory for quality: `core_slots=N` keeps N slots per core layer, reused
+modulo N (the reference's "compress-sN"); `core_slots=1` keeps only the latest step. When a token ran fewer steps
+than a later token (different `num_steps` per call, or adaptive exit), the steps it never computed are filled with
+its latest computed step of the same core layer (the reference's "latest" lookup, for any core size).
+
+This file travels as remote code with every saved model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+PRELUDE, CORE, CODA = "prelude", "core", "coda"
+
+
+class RecurrentSlot(CacheLayerMixin):
+    """Keys and values of one slot: tensors (B, kv_heads, capacity, head_dim) of which `length` positions are used."""
+
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self.keys.shape[-2]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, 16)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = old.new_empty((*old.shape[:2], new_capacity, old.shape[-1]))
+            grown[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, grown)
+
+    def write(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        start: int,
+        fill_from: RecurrentSlot | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start, start + T) and return all keys/values up to there (B, kv_heads, start + T, hd).
+
+        Positions before `start` this slot never saw are copied from `fill_from` (the same layer's previous step).
+        With `rows`, only those batch rows get new states; the others keep their previous step's states.
+        """
+        if not self.is_initialized:
+            template = fill_from if rows is not None and fill_from is not None else None
+            if template is not None:
+                self.lazy_initialization(template.keys, template.values)
+            else:
+                self.lazy_initialization(key_states, value_states)
+        end = start + key_states.shape[-2]
+        self._reserve(end)
+        # Positions this slot lacks: earlier tokens that ran fewer steps, and with `rows` the current positions of
+        # the rows that skip this step. They take the same layer's previous step, i.e. their latest computed one.
+        gap_end = end if rows is not None else start
+        if self.length < gap_end:
+            if fill_from is None or fill_from.length < gap_end:
+                raise RuntimeError("recurrent cache: a step lacks states that no earlier step of its layer computed")
+            self.keys[:, :, self.length : gap_end] = fill_from.keys[:, :, self.length : gap_end]
+            self.values[:, :, self.length : gap_end] = fill_from.values[:, :, self.length : gap_end]
+        self.length = max(self.length, end)
+        if rows is None:
+            self.keys[:, :, start:end] = key_states
+            self.values[:, :, start:end] = value_states
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        self.keys[rows, :, start:end] = key_states
+        self.values[rows, :, start:end] = value_states
+        return self.keys[rows, :, :end], self.values[rows, :, :end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Plain Transformers-style append (used by code that treats the slot as a DynamicLayer)."""
+        return self.write(key_states, value_states, self.length)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.length = max(self.length + tokens_to_remove, 0)
+
+    def _map_batch(self, fn) -> None:
+        if self.is_initialized:
+            self.keys = fn(self.keys[:, :, : self.length])
+            self.values = fn(self.values[:, :, : self.length])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        """Bytes of the used part of this slot (keys and values)."""
+        if not self.is_initialized:
+            return 0
+        per_position = self.keys[:, :, :1].numel() * self.keys.element_size()
+        per_position += self.values[:, :, :1].numel() * self.values.element_size()
+        return per_position * self.length
+
+
+class RecurrentCache(Cache):
+    """Transformers `Cache` for prelude / iterated core / coda, with optional sharing of core slots across steps.
+
+    Args:
+        config: the model config (gives the number of prelude, core and coda blocks).
+        core_slots: None keeps one slot per recurrence step and core layer (exact). N >= 1 keeps N slots per core
+            layer, reused modulo N (N=1: only the latest step), cutting memory at some cost in quality.
+    """
+
+    def __init__(self, config: Any, core_slots: int | None = None):
+        if core_slots is not None and (
+            isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1
+        ):
+            raise ValueError(f"core_slots must be None (one slot per step) or an integer >= 1, got {core_slots!r}")
+        super().__init__(layers=[])
+        self.n_prelude, self.n_core, self.n_coda = config.n_prelude, config.n_core, config.n_coda
+        self.kv_shape = (config.num_key_value_heads, config.attention_head_dim)
+        self.core_slots = core_slots
+        self._seq_length = 0
+        self.steps: torch.Tensor | None = None  # (B, L) recurrence steps each cached token ran
+        self.prompt_length = 0  # tokens of the first forward (the prompt, in generate)
+        self.last_latent: torch.Tensor | None = None  # (B, 1, D) final latent of the last position (warm start)
+
+    def record(self, start: int, steps_used: torch.Tensor, length: int, last_latent: torch.Tensor) -> None:
+        """Note the steps (B,) run by the `length` tokens written at `start`, and the last position's latent."""
+        new = steps_used[:, None].expand(-1, length)
+        if start == 0:
+            self.prompt_length = length
+        self.steps = new.clone() if self.steps is None else torch.cat([self.steps[:, :start], new], dim=1)
+        self.last_latent = last_latent
+
+    def slot(self, phase: str, layer: int, step: int = 0) -> int:
+        """The cache slot of block `layer` of `phase` ("prelude", "core", "coda") at recurrence `step`."""
+        if phase == PRELUDE:
+            return layer
+        if phase == CODA:
+            return self.n_prelude + layer
+        if phase != CORE:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {(PRELUDE, CORE, CODA)}")
+        shared_step = step if self.core_slots is None else step % self.core_slots
+        return self.n_prelude + self.n_coda + shared_step * self.n_core + layer
+
+    def update_block(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        phase: str,
+        layer: int,
+        step: int,
+        start: int,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, kv_heads, T, hd) states of one block at positions [start, start + T); return all up to there.
+
+        `rows` (1-D long tensor) restricts the write to those batch rows (adaptive exit); the states given then have
+        len(rows) rows, and so do the returned ones.
+        """
+        index = self.slot(phase, layer, step)
+        while len(self.layers) <= index:
+            self.layers.append(RecurrentSlot())
+        target = self.layers[index]
+        expected_batch = None if rows is not None else key_states.shape[0]
+        if target.is_initialized and expected_batch is not None and target.keys.shape[0] != expected_batch:
+            raise ValueError(
+                f"this cache holds batch size {target.keys.shape[0]} but the input has batch size {expected_batch}; "
+                "use a new cache (or batch_select_indices / batch_repeat_interleave)"
+            )
+        fill_from = self.layers[self.slot(CORE, layer, step - 1)] if phase == CORE and step > 0 else None
+        keys, values = target.write(key_states, value_states, start, fill_from, rows)
+        self._seq_length = max(self._seq_length, start + key_states.shape[-2])
+        return keys, values
+
+    def check_compatible(self, config: Any) -> None:
+        """Raise a ValueError if this cache was built for a model of another shape."""
+        theirs = (config.n_prelude, config.n_core, config.n_coda, config.num_key_value_heads, config.attention_head_dim)
+        ours = (self.n_prelude, self.n_core, self.n_coda, *self.kv_shape)
+        if theirs != ours:
+            raise ValueError(
+                f"past_key_values was built for blocks/kv-heads/head_dim {ours}, but this model has {theirs}"
+            )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seq_length
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._seq_length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seq_length + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` positions (a positive value is read as the length to keep)."""
+        keep = tokens_to_remove if tokens_to_remove > 0 else self._seq_length + tokens_to_remove
+        keep = min(max(keep, 0), self._seq_length)
+        for slot in self.layers:  # slots of steps some tokens skipped are shorter: never grow them here
+            slot.length = min(slot.length, keep)
+        if self.steps is not None:
+            self.steps = self.steps[:, :keep]
+        if keep < self._seq_length:
+            self.last_latent = None  # it belonged to a dropped position
+        self._seq_length = keep
+
+    def reset(self) -> None:
+        super().reset()
+        self._seq_length = 0
+        self.steps = self.last_latent = None
+
+    def _map_batch(self, fn) -> None:
+        if self.steps is not None:
+            self.steps = fn(self.steps)
+        if self.last_latent is not None:
+            self.last_latent = fn(self.last_latent)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_batch(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        """Bytes held by the used part of every slot (keys and values)."""
+        return sum(slot.nbytes() for slot in self.layers)
+
+    @property
+    def num_core_slots(self) -> int:
+        """How many slots per core layer are allocated now."""
+        return max(len(self.layers) - self.n_prelude - self.n_coda, 0) // self.n_core
+
+
+__all__ = ["CODA", "CORE", "PRELUDE", "RecurrentCache", "RecurrentSlot"]

@@ -1,0 +1,765 @@
+"""Recurrent-depth causal language model (Geiping et al. 2025, huginn-0125), for Transformers 5.
+
+    e = P(wte(x) * embed_scale)                 prelude
+    s_0 ~ TruncNormal(0, sigma^2) * embed_scale  (or zeros with init_scale=0, or given `input_states`)
+    s_i = R(adapter([s_{i-1}, e]))  i = 1..r    core, iterated r = num_steps times
+    p = lm_head(norm(C(norm(s_r))))             coda
+
+This file travels as remote code with every saved model: it imports only torch, transformers and its two sibling
+files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache
+from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
+from .generation_recurrent_depth import ExitCriterion, make_exit_criterion, speculative_generate
+
+StepSpec = int | tuple[int, int]
+
+
+def resolve_num_steps(num_steps: object, default: int, training: bool, backprop_depth: int) -> tuple[int, int]:
+    """Turn a `num_steps` argument into (steps without gradient, steps with gradient).
+
+    An int r runs r steps; in training mode only the last `backprop_depth` of them keep gradients (truncated
+    backprop). A pair (n, k) runs n steps without and k with gradient. None means the config default.
+    """
+    if num_steps is None:
+        num_steps = default
+    if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
+        num_steps = int(num_steps)
+    if isinstance(num_steps, (tuple, list)):
+        if len(num_steps) != 2 or not all(_is_count(n) and n >= 0 for n in num_steps) or sum(num_steps) < 1:
+            raise ValueError(
+                f"num_steps as a pair must be two integers >= 0 (steps without, with gradient) summing to >= 1, "
+                f"got {num_steps!r}"
+            )
+        return int(num_steps[0]), int(num_steps[1])
+    if not _is_count(num_steps):
+        raise TypeError(
+            f"num_steps must be an int >= 1 or a pair of ints, got {type(num_steps).__name__} {num_steps!r}"
+        )
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if training:
+        with_grad = min(num_steps, backprop_depth)
+        return num_steps - with_grad, with_grad
+    return 0, num_steps
+
+
+def _one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | None) -> RecurrentCache | None:
+    """`past_key_values` and `cache` (its name in newer Transformers releases) are the same argument."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as either past_key_values or cache, not both")
+    return past_key_values if past_key_values is not None else cache
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sample_num_steps(
+    mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None
+) -> tuple[int, int]:
+    """Training depth of the paper: n = Poisson(LogNormal(mu, 0.5)) + 1, split as (max(n - k, 0), min(n, k))."""
+    t = max(mean_recurrence - backprop_depth, 0)
+    sigma = 0.5
+    mu = math.log(t + backprop_depth) - sigma**2 / 2
+    rate = torch.empty(1).log_normal_(mean=mu, std=sigma, generator=generator)
+    n = int(torch.poisson(rate, generator=generator).item()) + 1
+    return max(n - backprop_depth, 0), min(n, backprop_depth)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as in huginn-0125 and Llama."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables (B, T, 1, hd) from position ids; built once per forward and shared by all blocks."""
+
+    def __init__(self, config: RecurrentDepthConfig):
+        super().__init__()
+        self.config = config
+        self.layout = config.rope_layout
+        inv_freq, self.attention_scaling = self.compute_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies (hd/2,) in float32 and the attention scaling of the configured rope type."""
+        config = self.config
+        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        if rope_type == "default":
+            dim, theta = config.attention_head_dim, config.rope_parameters["rope_theta"]
+            return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters.rope_type={rope_type!r} is not supported; use one of "
+                f"{['default', *ROPE_INIT_FUNCTIONS]}"
+            )
+        return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (B, T, 1, hd) in float32, laid out so that `apply_rotary` is x * cos + swap(x) * sin."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)  # (B, T, hd/2)
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        if self.layout == "half":  # pairs (x[i], x[i + hd/2]): swap(x) = (x2, x1), sin' = (-sin, sin)
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        else:  # pairs (x[2i], x[2i+1]): swap(x) = (x[2i+1], x[2i]), sin' = (-sin_i, sin_i) interleaved
+            cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+        return cos[:, :, None], sin[:, :, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate (B, T, H, hd) in float32: adjacent pairs (x[2i], x[2i+1]) for huginn, halves for Llama.
+
+    With the tables of `RotaryEmbedding` this is x * cos + swap(x) * sin, bit for bit the textbook
+    (a cos - b sin, b cos + a sin) since a - b * s == a + b * (-s) in IEEE arithmetic, in four kernels.
+    """
+    x32 = x.float()
+    if layout == "adjacent":
+        swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        swapped = x32.roll(x32.shape[-1] // 2, dims=-1)
+    return (x32 * cos + swapped * sin).type_as(x)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention over (B, H, T, hd) with grouped kv heads and an optional additive/bool mask."""
+    groups = module.num_key_value_groups
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    elif query.shape[2] > 1:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        causal = causal.tril(key.shape[2] - query.shape[2])
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+@dataclass
+class BlockContext:
+    """What every block of one forward shares: RoPE tables, the mask, the cache and where new tokens start."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attention_mask: torch.Tensor | None
+    cache: RecurrentCache | None
+    start: int
+    rows: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> BlockContext:
+        """The context of a subset of batch rows (adaptive exit: rows still iterating)."""
+        cos, sin = self.position_embeddings
+        if cos.shape[0] > 1:
+            cos, sin = cos[rows], sin[rows]
+        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        return BlockContext((cos, sin), mask, self.cache, self.start, rows)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with fused Wqkv, optional qk_bias (huginn), q/k/v biases (Qwen2), q/k norms (Qwen3)."""
+
+    def __init__(self, config: RecurrentDepthConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.chunks = [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        ]
+        self.Wqkv = nn.Linear(config.hidden_size, sum(self.chunks), bias=config.qkv_bias)
+        if config.qk_bias:
+            self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.num_heads, self.head_dim))
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # Read once here: config attribute access is slow, and forward runs num_steps times per core block.
+        self.use_qk_norm, self.use_qk_bias, self.rope_layout = config.qk_norm, config.qk_bias, config.rope_layout
+        # Without q/k norms, q and k heads are adjacent in Wqkv's output: biased and rotated in one go.
+        self.joint_qk = not config.qk_norm and (not config.qk_bias or self.num_kv_heads == self.num_heads)
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext, phase: str, layer: int, step: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        cos, sin = ctx.position_embeddings
+        qkv = self.Wqkv(x)
+        heads = [self.num_heads, self.num_kv_heads]
+        if self.joint_qk:
+            qk, v = qkv.split([self.chunks[0] + self.chunks[1], self.chunks[2]], dim=-1)
+            qk = qk.view(b, t, sum(heads), self.head_dim)  # (B, T, H + KV, hd)
+            if self.use_qk_bias:
+                qk = (qk + self.qk_bias.view(-1, self.head_dim)).to(qk.dtype)
+            q, k = apply_rotary(qk, cos, sin, self.rope_layout).split(heads, dim=2)
+        else:
+            q, k, v = qkv.split(self.chunks, dim=-1)
+            q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim)
+            if self.use_qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.use_qk_bias:
+                q_bias, k_bias = self.qk_bias.split(1, dim=0)
+                q, k = (q + q_bias).to(q.dtype), (k + k_bias).to(k.dtype)
+            q, k = apply_rotary(q, cos, sin, self.rope_layout), apply_rotary(k, cos, sin, self.rope_layout)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update_block(k, v, phase, layer, step, ctx.start, ctx.rows)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        y, _ = attention(self, q, k, v, ctx.attention_mask, scaling=self.scaling, dropout=0.0)
+        return self.proj(y.reshape(b, t, -1))
+
+
+class GatedMLP(nn.Module):
+    """`fc` to 2 x intermediate, chunk into (a, b), silu(a) * b, `proj` back."""
+
+    def __init__(self, config: RecurrentDepthConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc(x).chunk(2, dim=-1)
+        return self.proj(nn.functional.silu(a) * b)
+
+
+class RecurrentBlock(nn.Module):
+    """One transformer block; `phase` and `layer` (its index within its phase) are fixed at construction.
+
+    sandwich (huginn): x = n2(attn(n1(x)) + x); x = n4(mlp(n3(x)) + x)
+    prenorm (Llama):   x = x + attn(n1(x));     x = x + mlp(n3(x))
+    """
+
+    def __init__(self, config: RecurrentDepthConfig, phase: str, layer: int):
+        super().__init__()
+        self.phase, self.layer = phase, layer
+        self.sandwich = config.block_style == "sandwich"
+        eps = config.rms_norm_eps
+        self.norm_1 = RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config)
+        self.norm_3 = RMSNorm(config.hidden_size, eps)
+        self.mlp = GatedMLP(config)
+        if self.sandwich:
+            self.norm_2 = RMSNorm(config.hidden_size, eps)
+            self.norm_4 = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext, step: int = 0) -> torch.Tensor:
+        attn_out = self.attn(self.norm_1(x), ctx, self.phase, self.layer, step)
+        if self.sandwich:
+            x = self.norm_2(attn_out + x)
+            return self.norm_4(self.mlp(self.norm_3(x)) + x)
+        x = x + attn_out
+        return x + self.mlp(self.norm_3(x))
+
+
+@dataclass
+class RecurrentDepthOutput(ModelOutput):
+    """Output of `RecurrentDepthForCausalLM`.
+
+    loss: () next-token loss when `labels` are given, else None.
+    logits: (B, T', V) float32.
+    cache: the `RecurrentCache` (also readable as `past_key_values`).
+    latent_states: (B, T, D) the final latent state, normed as the coda sees it.
+    hidden_states: embeddings, each prelude block, each core step, each coda block (the last one normed).
+    num_steps: (steps without gradient, steps with gradient) that this call ran at most.
+    steps_used: (B,) recurrence steps each row ran (fewer than num_steps where an exit criterion stopped it).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: RecurrentCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    latent_states: torch.Tensor | None = None
+    num_steps: tuple[int, int] | None = None
+    steps_used: torch.Tensor | None = None
+
+
+class RecurrentDepthPreTrainedModel(PreTrainedModel):
+    config_class = RecurrentDepthConfig
+    config: RecurrentDepthConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RecurrentBlock"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    # Published huginn checkpoints also store their RoPE table; it is recomputed from the config.
+    _keys_to_ignore_on_load_unexpected = [r"freqs_cis"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The published "takase" init: std sqrt(2/5d), output projections scaled by the expected depth."""
+        config = self.config
+        std = config.init_std
+        out_std = std / math.sqrt(2 * config.effective_depth())
+        if isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            # A non-persistent buffer: from_pretrained materialises it empty, so it is recomputed here.
+            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        elif isinstance(module, Attention):
+            init.trunc_normal_(module.Wqkv.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            init.trunc_normal_(module.proj.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+            if module.Wqkv.bias is not None:
+                init.zeros_(module.Wqkv.bias)
+            if config.qk_bias:
+                init.zeros_(module.qk_bias)
+        elif isinstance(module, GatedMLP):
+            # The gate half of `fc` gets std, its value half and `proj` the depth-scaled std, as published.
+            init.trunc_normal_(module.fc.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            if not getattr(module.fc.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    value_half = module.fc.weight[module.fc.out_features // 2 :]
+                    nn.init.trunc_normal_(value_half, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+            init.trunc_normal_(module.proj.weight, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
+        elif isinstance(module, nn.Linear):
+            # adapter and lm_head; block projections are re-initialised by their parent module, visited later.
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
+    """Prelude, adapter, iterated core and coda; returns the final normed hidden states (no lm_head)."""
+
+    def __init__(self, config: RecurrentDepthConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.prelude = nn.ModuleList(RecurrentBlock(config, PRELUDE, i) for i in range(config.n_prelude))
+        if config.injection == "concat":
+            self.adapter = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.adapter_bias)
+        self.core_block = nn.ModuleList(RecurrentBlock(config, CORE, i) for i in range(config.n_core))
+        self.coda = nn.ModuleList(RecurrentBlock(config, CODA, i) for i in range(config.n_coda))
+        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def initialize_state(self, embeds: torch.Tensor, init_scale: float) -> torch.Tensor:
+        """Initial latent (B, T, D): truncated normal at +-3 std, std = sqrt(2/5d) * init_scale, times embed_scale."""
+        std = self.config.init_std * init_scale
+        if std == 0:
+            return torch.zeros_like(embeds)
+        state = torch.empty_like(embeds)
+        nn.init.trunc_normal_(state, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        return state * self.config.embed_scale
+
+    def core_step(self, state: torch.Tensor, embeds: torch.Tensor, ctx: BlockContext, step: int) -> torch.Tensor:
+        """One recurrence: inject the embeddings into the state, run the core blocks. (B, T, D) -> (B, T, D)."""
+        concat = self.config.injection == "concat"
+        x = self.adapter(torch.cat([state, embeds], dim=-1)) if concat else state + embeds
+        for block in self.core_block:
+            x = block(x, ctx, step)
+        return x
+
+    def iterate(
+        self,
+        state: torch.Tensor,
+        embeds: torch.Tensor,
+        ctx: BlockContext,
+        steps: tuple[int, int],
+        record: Callable[[torch.Tensor], None] | None = None,
+        first_step: int = 0,
+    ) -> torch.Tensor:
+        """Run steps[0] core steps without gradient, then steps[1] with it (checkpointed per step if enabled)."""
+        no_grad, with_grad = steps
+        with torch.no_grad():
+            for step in range(first_step, first_step + no_grad):
+                state = self.core_step(state, embeds, ctx, step)
+                if record is not None:
+                    record(state)
+        for step in range(first_step + no_grad, first_step + no_grad + with_grad):
+            if self.gradient_checkpointing and self.training:
+                state = self._gradient_checkpointing_func(self.core_step, state, embeds, ctx, step)
+            else:
+                state = self.core_step(state, embeds, ctx, step)
+            if record is not None:
+                record(state)
+        return state
+
+    @torch.no_grad()
+    def iterate_adaptive(
+        self,
+        state: torch.Tensor,
+        embeds: torch.Tensor,
+        ctx: BlockContext,
+        max_steps: int,
+        criterion: ExitCriterion,
+        min_steps: int,
+        head: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Iterate each row until `criterion` says it converged (after >= min_steps, at most max_steps).
+
+        Rows that exited stop costing compute: later steps run on the remaining rows only, and the cache fills
+        their skipped steps with their last computed one. Returns the final states (B, T, D) and the steps each
+        row ran (B,).
+        """
+        batch = state.shape[0]
+        active = torch.arange(batch, device=state.device)
+        steps_used = torch.full((batch,), max_steps, dtype=torch.long, device=state.device)
+        criterion.start(state)
+        for step in range(max_steps):
+            sub = ctx if len(active) == batch else ctx.select(active)
+            new = self.core_step(state[active], embeds[active], sub, step)
+            state[active] = new
+            done = criterion.check(active, new, lambda sub=sub, new=new: self.readout(new, sub, head)[:, -1])
+            if step + 1 >= min_steps and done.any():
+                steps_used[active[done]] = step + 1
+                active = active[~done]
+                if len(active) == 0:
+                    break
+        return state, steps_used
+
+    def readout(self, state: torch.Tensor, ctx: BlockContext, head: nn.Module) -> torch.Tensor:
+        """Logits (B, T, V) that the coda and `head` give for a core state (the logit lens of a recurrence step)."""
+        x = self.ln_f(state) if self.config.core_output_norm else state
+        for block in self.coda:
+            x = block(x, ctx)
+        return head(self.ln_f(x)).float()
+
+    def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Scaled token embeddings (B, T, D), with the input checked against the vocabulary."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                )
+            inputs_embeds = self.wte(input_ids)
+        return inputs_embeds * self.config.embed_scale if self.config.scale_embeddings else inputs_embeds
+
+    def block_context(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: RecurrentCache | None,
+    ) -> BlockContext:
+        """Positions (following the padding mask), RoPE tables and the causal mask, built once per forward."""
+        past = cache.get_seq_length() if cache is not None else 0
+        length = embeds.shape[1]
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+            else:
+                position_ids = torch.arange(past, past + length, device=embeds.device)[None]
+        if position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond max_position_embeddings "
+                f"({self.config.max_position_embeddings}); the sequence is too long for this model"
+            )
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        return BlockContext(self.rotary(position_ids), mask, cache, past)
+
+    def resolve_cache(self, past_key_values: object, use_cache: bool | None) -> RecurrentCache | None:
+        """The RecurrentCache to use: the given one (an empty Transformers cache is replaced), a new one, or None."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed steps would write the cache twice
+        if not use_cache:
+            return None
+        if past_key_values is None:
+            return RecurrentCache(self.config)
+        if not isinstance(past_key_values, RecurrentCache):
+            if past_key_values.get_seq_length() != 0:
+                raise ValueError(
+                    f"past_key_values must be a RecurrentCache (got a non-empty {type(past_key_values).__name__})"
+                )
+            return RecurrentCache(self.config)
+        past_key_values.check_compatible(self.config)
+        return past_key_values
+
+    def initial_state(
+        self,
+        embeds: torch.Tensor,
+        input_states: torch.Tensor | None,
+        warm_start: bool,
+        cache: RecurrentCache | None,
+        init_scale: float,
+    ) -> torch.Tensor:
+        """Given `input_states`, else random (scaled by init_scale); with `warm_start` the first new position
+        starts from the previous position's final latent kept in the cache ("continuous compute")."""
+        if input_states is not None:
+            if input_states.shape != embeds.shape:
+                raise ValueError(f"input_states must have shape {tuple(embeds.shape)}, got {tuple(input_states.shape)}")
+            return input_states.to(embeds.dtype).clone()
+        state = self.initialize_state(embeds, init_scale)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
+        if warm_start and cache is not None and cache.last_latent is not None:
+            state[:, :1] = cache.last_latent.to(state.dtype)
+        return state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: RecurrentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_steps: StepSpec | None = None,
+        init_scale: float | None = None,
+        input_states: torch.Tensor | None = None,
+        warm_start: bool = False,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        min_steps: int = 0,
+        output_hidden_states: bool | None = None,
+        head: nn.Module | None = None,
+        **kwargs,
+    ) -> RecurrentDepthOutput:
+        """Prelude, core iterations, coda. `logits` of the output holds the final normed hidden states (B, T, D).
+
+        See RecurrentDepthForCausalLM.forward for the arguments; `head` is the output layer that logit-based exit
+        criteria read through.
+        """
+        cache = self.resolve_cache(_one_cache(past_key_values, kwargs.pop("cache", None)), use_cache)
+        init_scale = self.config.init_scale if init_scale is None else init_scale
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale >= 0:
+            raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
+        if num_steps is None and self.training:
+            steps = sample_num_steps(self.config.mean_recurrence, self.config.mean_backprop_depth)
+        else:
+            steps = resolve_num_steps(
+                num_steps, self.config.mean_recurrence, self.training, self.config.mean_backprop_depth
+            )
+        criterion = self._exit_criterion(exit_criterion, exit_threshold, min_steps, sum(steps), head)
+
+        embeds = self.embed(input_ids, inputs_embeds)
+        ctx = self.block_context(embeds, attention_mask, position_ids, cache)
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        hidden: list[torch.Tensor] | None = [embeds] if output_hidden_states else None
+        x = embeds
+        for block in self.prelude:
+            x = block(x, ctx)
+            if hidden is not None:
+                hidden.append(x)
+        state = self.initial_state(x, input_states, warm_start, cache, init_scale)
+        if criterion is None:
+            state = self.iterate(state, x, ctx, steps, record=hidden.append if hidden is not None else None)
+            steps_used = torch.full((x.shape[0],), sum(steps), dtype=torch.long, device=x.device)
+        else:
+            state, steps_used = self.iterate_adaptive(state, x, ctx, sum(steps), criterion, min_steps, head)
+        latent = self.ln_f(state) if self.config.core_output_norm else state
+        x = latent
+        for block in self.coda:
+            x = block(x, ctx)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.ln_f(x)
+        if hidden is not None:
+            hidden[-1] = x
+        if cache is not None:
+            cache.record(ctx.start, steps_used, latent.shape[1], latent[:, -1:].detach())
+        return RecurrentDepthOutput(
+            logits=x,
+            cache=cache,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            latent_states=latent,
+            num_steps=steps,
+            steps_used=steps_used,
+        )
+
+    def _exit_criterion(
+        self, name: str | None, threshold: object, min_steps: object, max_steps: int, head: nn.Module | None
+    ) -> ExitCriterion | None:
+        """Validate the adaptive-exit arguments; None when adaptive exit is off."""
+        if name is None:
+            if threshold is not None or min_steps:
+                raise ValueError("exit_threshold and min_steps only apply with an exit_criterion")
+            return None
+        if self.training:
+            raise ValueError("exit_criterion is an inference option; call model.eval() first")
+        if not _is_count(min_steps) or min_steps < 0:
+            raise TypeError(f"min_steps must be an int >= 0, got {min_steps!r}")
+        if max_steps < min_steps:
+            raise ValueError(f"num_steps ({max_steps}) is below min_steps ({min_steps})")
+        criterion = make_exit_criterion(name, threshold)
+        if criterion.needs_logits and head is None:
+            raise ValueError(f"exit_criterion {name!r} reads logits: use RecurrentDepthForCausalLM")
+        return criterion
+
+
+class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
+    """Recurrent-depth causal LM. `forward(..., num_steps=r)` and `generate(..., num_steps=r)` pick the depth."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: RecurrentDepthConfig):
+        super().__init__(config)
+        self.transformer = RecurrentDepthModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots)."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by recurrent-depth "
+                "models; pass past_key_values=RecurrentCache(model.config, core_slots=N) to share cache slots"
+            )
+        model_kwargs["cache"] = RecurrentCache(self.config)
+
+    def generate(self, *args, **kwargs):
+        """Transformers' generate with `num_steps`, `init_scale`, `warm_start` and adaptive-exit options passed to
+        every forward. With return_dict_in_generate, the output also carries `num_steps_used` (B, new_tokens): the
+        recurrence steps that produced each generated token."""
+        output = super().generate(*args, **kwargs)
+        cache = output.get("cache") if isinstance(output, ModelOutput) else None
+        if isinstance(cache, RecurrentCache) and cache.steps is not None:
+            # Token i of the continuation was predicted at position prompt - 1 + i.
+            first = cache.prompt_length - 1
+            output["num_steps_used"] = cache.steps[:, first : output.sequences.shape[1] - 1]
+        return output
+
+    def generate_speculative(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Self-speculative greedy decoding (draft with few steps, verify with many); see `speculative_generate`."""
+        return speculative_generate(self, input_ids, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: RecurrentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_steps: StepSpec | None = None,
+        init_scale: float | None = None,
+        input_states: torch.Tensor | None = None,
+        warm_start: bool = False,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        min_steps: int = 0,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> RecurrentDepthOutput:
+        """Logits (B, T', V) in float32 for input_ids (B, T).
+
+        num_steps: int r (default: config.mean_recurrence) or a pair (steps without grad, steps with grad); in
+            training mode with None the depth is sampled as in the paper, and an int backpropagates through its
+            last `mean_backprop_depth` steps.
+        init_scale: scale of the random initial state (0 = zeros; default config.init_scale).
+        input_states: (B, T, D) initial latents. warm_start: start the first new position from the previous
+            position's final latent kept in the cache ("continuous compute").
+        exit_criterion: per-row adaptive exit, one of "kl", "minp-kl", "entropy-diff", "latent-diff", "cosine",
+            "argmax-stability", with exit_threshold (None: published default) and min_steps; num_steps is then
+            the maximum. Steps each row ran are in `steps_used`.
+        labels: (B, T) token ids, shifted inside, -100 ignored.
+        logits_to_keep: compute logits only for the last k positions (0: all), or for these indices.
+        """
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        out = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_one_cache(past_key_values, kwargs.pop("cache", None)),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            num_steps=num_steps,
+            init_scale=init_scale,
+            input_states=input_states,
+            warm_start=warm_start,
+            exit_criterion=exit_criterion,
+            exit_threshold=exit_threshold,
+            min_steps=min_steps,
+            output_hidden_states=output_hidden_states,
+            head=self.lm_head,
+            **kwargs,
+        )
+        hidden = out.logits
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep]).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return RecurrentDepthOutput(
+            loss=loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            latent_states=out.latent_states,
+            num_steps=out.num_steps,
+            steps_used=out.steps_used,
+        )
+
+
+class HuginnRavenForCausalLM(RecurrentDepthForCausalLM):
+    """The same model, registered for published huginn-0125 folders (`model_type: huginn_raven`)."""
+
+    config_class = HuginnRavenConfig
+    config: HuginnRavenConfig
+
+
+__all__ = [
+    "HuginnRavenForCausalLM",
+    "RecurrentDepthForCausalLM",
+    "RecurrentDepthModel",
+    "RecurrentDepthOutput",
+    "RecurrentDepthPreTrainedModel",
+    "resolve_num_steps",
+    "sample_num_steps",
+]
