@@ -88,3 +88,11 @@ def test_presets_load(tmp_path):
 
     assert AutoConfig.from_pretrained(preset_path("tiny")).model_type == "recurrent_depth"
     assert (ROOT / "configuration" / "huginn-0125" / "config.json").is_file()
+
+
+def test_shipped_model_carries_the_current_code():
+    shipped = PACKAGE / "checkpoints" / "chain-tiny"
+    names = sorted(p.name for p in shipped.glob("*.py"))
+    assert names, "the shipped chain model carries its remote code"
+    for name in names:
+        assert (shipped / name).read_bytes() == (PACKAGE / name).read_bytes(), name

@@ -97,7 +97,7 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables (B, T, 1, hd) from position ids; built once per forward and shared by all blocks."""
+    """cos/sin tables (B, T, 1, rot) from position ids; built once per forward and shared by all blocks."""
 
     def __init__(self, config: RecurrentDepthConfig):
         super().__init__()
@@ -122,28 +122,24 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (B, T, 1, hd) in float32, laid out so that `apply_rotary` is x * cos + swap(x) * sin."""
         freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)  # (B, T, hd/2)
+        if self.layout == "half":
+            freqs = torch.cat([freqs, freqs], dim=-1)
         cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-        if self.layout == "half":  # pairs (x[i], x[i + hd/2]): swap(x) = (x2, x1), sin' = (-sin, sin)
-            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
-        else:  # pairs (x[2i], x[2i+1]): swap(x) = (x[2i+1], x[2i]), sin' = (-sin_i, sin_i) interleaved
-            cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
         return cos[:, :, None], sin[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate (B, T, H, hd) in float32: adjacent pairs (x[2i], x[2i+1]) for huginn, halves for Llama.
-
-    With the tables of `RotaryEmbedding` this is x * cos + swap(x) * sin, bit for bit the textbook
-    (a cos - b sin, b cos + a sin) since a - b * s == a + b * (-s) in IEEE arithmetic, in four kernels.
-    """
+    """Rotate (B, T, H, hd) in float32: adjacent pairs (x[2i], x[2i+1]) for huginn, halves for Llama."""
     x32 = x.float()
     if layout == "adjacent":
-        swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        pairs = x32.unflatten(-1, (-1, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
     else:
-        swapped = x32.roll(x32.shape[-1] // 2, dims=-1)
-    return (x32 * cos + swapped * sin).type_as(x)
+        first, second = x32.chunk(2, dim=-1)
+        rotated = x32 * cos + torch.cat([-second, first], dim=-1) * sin
+    return rotated.type_as(x)
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -207,34 +203,22 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        # Read once here: config attribute access is slow, and forward runs num_steps times per core block.
-        self.use_qk_norm, self.use_qk_bias, self.rope_layout = config.qk_norm, config.qk_bias, config.rope_layout
-        # Without q/k norms, q and k heads are adjacent in Wqkv's output: biased and rotated in one go.
-        self.joint_qk = not config.qk_norm and (not config.qk_bias or self.num_kv_heads == self.num_heads)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext, phase: str, layer: int, step: int) -> torch.Tensor:
         b, t, _ = x.shape
+        q, k, v = self.Wqkv(x).split(self.chunks, dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.qk_bias:
+            q_bias, k_bias = self.qk_bias.split(1, dim=0)
+            q, k = (q + q_bias).to(q.dtype), (k + k_bias).to(k.dtype)
         cos, sin = ctx.position_embeddings
-        qkv = self.Wqkv(x)
-        heads = [self.num_heads, self.num_kv_heads]
-        if self.joint_qk:
-            qk, v = qkv.split([self.chunks[0] + self.chunks[1], self.chunks[2]], dim=-1)
-            qk = qk.view(b, t, sum(heads), self.head_dim)  # (B, T, H + KV, hd)
-            if self.use_qk_bias:
-                qk = (qk + self.qk_bias.view(-1, self.head_dim)).to(qk.dtype)
-            q, k = apply_rotary(qk, cos, sin, self.rope_layout).split(heads, dim=2)
-        else:
-            q, k, v = qkv.split(self.chunks, dim=-1)
-            q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
-            k = k.view(b, t, self.num_kv_heads, self.head_dim)
-            if self.use_qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            if self.use_qk_bias:
-                q_bias, k_bias = self.qk_bias.split(1, dim=0)
-                q, k = (q + q_bias).to(q.dtype), (k + k_bias).to(k.dtype)
-            q, k = apply_rotary(q, cos, sin, self.rope_layout), apply_rotary(k, cos, sin, self.rope_layout)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin, self.config.rope_layout).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rotary(k, cos, sin, self.config.rope_layout).transpose(1, 2)
+        v = v.transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.update_block(k, v, phase, layer, step, ctx.start, ctx.rows)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
