@@ -8,6 +8,7 @@ remote code with every saved model.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 Readout = Callable[[], torch.Tensor]  # logits (rows, V) of the last position for the rows being checked
 
 
-class ExitCriterion:
+class ExitCriterion(ABC):
     """Decides after each recurrence step which rows have converged. Subclasses hold per-row history for all B rows.
 
     `check(rows, state, readout)` gets the indices of the rows still iterating, their new state (R, T, D) and a
@@ -37,11 +38,13 @@ class ExitCriterion:
             raise ValueError(f"exit_threshold for {self.name!r} must be >= 0, got {threshold}")
         return float(threshold)
 
+    @abstractmethod
     def start(self, state: torch.Tensor) -> None:
         """Reset the history for a new token; `state` (B, T, D) is the initial latent."""
 
+    @abstractmethod
     def check(self, rows: torch.Tensor, state: torch.Tensor, readout: Readout) -> torch.Tensor:
-        raise NotImplementedError
+        """Bool (R,): which of the checked rows may exit now."""
 
 
 class _LatentCriterion(ExitCriterion):
@@ -53,8 +56,9 @@ class _LatentCriterion(ExitCriterion):
         self.previous[rows] = state
         return value < self.threshold
 
+    @abstractmethod
     def distance(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(R,) distance between successive states (R, T, D)."""
 
 
 class LatentDiff(_LatentCriterion):
