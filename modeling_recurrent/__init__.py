@@ -6,7 +6,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_recurrent_depth import RecurrentCache
+from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
 from .modeling_recurrent_depth import (
     HuginnRavenForCausalLM,
@@ -36,4 +36,5 @@ __all__ = [
     "RecurrentDepthForCausalLM",
     "RecurrentDepthModel",
     "RecurrentDepthOutput",
+    "StaticRecurrentCache",
 ]

@@ -58,6 +58,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_core": (_positive_int, "an integer >= 1"),
     "n_coda": (_non_negative_int, "an integer >= 0"),
     "max_position_embeddings": (_positive_int, "a positive integer"),
+    "rope_parameters": (_optional(lambda value: isinstance(value, dict)), "a dict (rope_type, rope_theta) or None"),
     "rope_layout": (_one_of(ROPE_LAYOUTS), f"one of {ROPE_LAYOUTS}"),
     "block_style": (_one_of(BLOCK_STYLES), f"one of {BLOCK_STYLES}"),
     "injection": (_one_of(INJECTIONS), f"one of {INJECTIONS}"),
@@ -124,6 +125,7 @@ class RecurrentDepthConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_field("rope_parameters")  # Transformers standardizes it first and fails obscurely on a non-dict
         super().__post_init__(**kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -158,6 +160,21 @@ class RecurrentDepthConfig(PreTrainedConfig):
             )
         if self.attention_head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.attention_head_dim}")
+        if self.qk_bias and self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"qk_bias (huginn's (2, 1, heads, head_dim) parameter) needs num_key_value_heads "
+                f"({self.num_key_value_heads}) == num_attention_heads ({self.num_attention_heads})"
+            )
+        theta = (self.rope_parameters or {}).get("rope_theta")
+        if not _positive_number(theta):
+            raise ValueError(f"rope_parameters.rope_theta must be a positive number, got {theta!r}")
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if not hasattr(self, f"_validate_{rope_type}_rope_parameters"):  # Transformers only logs a warning
+            raise ValueError(f"rope_parameters.rope_type={rope_type!r} is not a RoPE type Transformers knows")
+        try:
+            self.validate_rope()  # Transformers' own checks of the rope_type's keys (our `validate` shadows it)
+        except KeyError as error:
+            raise ValueError(f"rope_parameters: {error.args[0]}") from None
 
     @property
     def attention_head_dim(self) -> int:

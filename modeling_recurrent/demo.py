@@ -44,13 +44,21 @@ def load(model_path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_recurrent  # noqa: F401  (registers the Auto classes)
+    from modeling_recurrent.modeling_recurrent_depth import unreadable_files
 
     folder = Path(model_path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json)")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as error:  # Transformers names neither a truncated file nor a missing tokenizer.json
+        bad = unreadable_files(folder)
+        reason = f"truncated or corrupt file {'; '.join(bad)}" if bad else error
+        if not bad and not (folder / "tokenizer.json").is_file():
+            reason = f"no {folder}/tokenizer.json"
+        raise ValueError(f"{folder}: cannot load the tokenizer: {reason}") from error
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     return tokenizer, model

@@ -11,20 +11,28 @@ files.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache
+from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
 from .generation_recurrent_depth import ExitCriterion, make_exit_criterion, speculative_generate
 
@@ -92,12 +100,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # torch's rms_norm is x * rsqrt(mean(x^2) + eps), the same arithmetic in one call (fewer dispatches).
+        normed = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables (B, T, 1, rot) from position ids; built once per forward and shared by all blocks."""
+    """cos/sin tables (B, T, 1, hd) from position ids; built once per forward and shared by all blocks."""
 
     def __init__(self, config: RecurrentDepthConfig):
         super().__init__()
@@ -122,24 +131,28 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (B, T, 1, hd) in float32, laid out so that `apply_rotary` is x * cos + swap(x) * sin."""
         freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)  # (B, T, hd/2)
-        if self.layout == "half":
-            freqs = torch.cat([freqs, freqs], dim=-1)
         cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        if self.layout == "half":  # pairs (x[i], x[i + hd/2]): swap(x) = (x2, x1), sin' = (-sin, sin)
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        else:  # pairs (x[2i], x[2i+1]): swap(x) = (x[2i+1], x[2i]), sin' = (-sin_i, sin_i) interleaved
+            cos, sin = cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
         return cos[:, :, None], sin[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate (B, T, H, hd) in float32: adjacent pairs (x[2i], x[2i+1]) for huginn, halves for Llama."""
+    """Rotate (B, T, H, hd) in float32: adjacent pairs (x[2i], x[2i+1]) for huginn, halves for Llama.
+
+    With the tables of `RotaryEmbedding` this is x * cos + swap(x) * sin, bit for bit the textbook
+    (a cos - b sin, b cos + a sin) since a - b * s == a + b * (-s) in IEEE arithmetic, in four kernels.
+    """
     x32 = x.float()
     if layout == "adjacent":
-        pairs = x32.unflatten(-1, (-1, 2))
-        even, odd = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+        swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
-        first, second = x32.chunk(2, dim=-1)
-        rotated = x32 * cos + torch.cat([-second, first], dim=-1) * sin
-    return rotated.type_as(x)
+        swapped = x32.roll(x32.shape[-1] // 2, dims=-1)
+    return (x32 * cos + swapped * sin).type_as(x)
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -168,7 +181,7 @@ class BlockContext:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     attention_mask: torch.Tensor | None
     cache: RecurrentCache | None
-    start: int
+    start: int | torch.Tensor  # a 0-d tensor with a StaticRecurrentCache
     rows: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> BlockContext:
@@ -203,22 +216,34 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # Read once here: config attribute access is slow, and forward runs num_steps times per core block.
+        self.use_qk_norm, self.use_qk_bias, self.rope_layout = config.qk_norm, config.qk_bias, config.rope_layout
+        # Without q/k norms, q and k heads are adjacent in Wqkv's output: biased and rotated in one go.
+        self.joint_qk = not config.qk_norm and (not config.qk_bias or self.num_kv_heads == self.num_heads)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext, phase: str, layer: int, step: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.Wqkv(x).split(self.chunks, dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.config.qk_bias:
-            q_bias, k_bias = self.qk_bias.split(1, dim=0)
-            q, k = (q + q_bias).to(q.dtype), (k + k_bias).to(k.dtype)
         cos, sin = ctx.position_embeddings
-        q = apply_rotary(q, cos, sin, self.config.rope_layout).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rotary(k, cos, sin, self.config.rope_layout).transpose(1, 2)
-        v = v.transpose(1, 2)
+        qkv = self.Wqkv(x)
+        heads = [self.num_heads, self.num_kv_heads]
+        if self.joint_qk:
+            qk, v = qkv.split([self.chunks[0] + self.chunks[1], self.chunks[2]], dim=-1)
+            qk = qk.view(b, t, sum(heads), self.head_dim)  # (B, T, H + KV, hd)
+            if self.use_qk_bias:
+                qk = (qk + self.qk_bias.view(-1, self.head_dim)).to(qk.dtype)
+            q, k = apply_rotary(qk, cos, sin, self.rope_layout).split(heads, dim=2)
+        else:
+            q, k, v = qkv.split(self.chunks, dim=-1)
+            q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim)
+            if self.use_qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.use_qk_bias:
+                q_bias, k_bias = self.qk_bias.split(1, dim=0)
+                q, k = (q + q_bias).to(q.dtype), (k + k_bias).to(k.dtype)
+            q, k = apply_rotary(q, cos, sin, self.rope_layout), apply_rotary(k, cos, sin, self.rope_layout)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.update_block(k, v, phase, layer, step, ctx.start, ctx.rows)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
@@ -336,6 +361,107 @@ class RecurrentDepthPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Transformers' from_pretrained, strict about the files: a truncated or corrupt file raises an OSError naming
+        it, and weights that do not fit the config (missing, unexpected or differently shaped tensors) raise a
+        ValueError naming them instead of leaving random weights. `ignore_mismatched_sizes=True` is as lenient as
+        Transformers."""
+        if kwargs.pop("ignore_mismatched_sizes", False):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, **kwargs)
+        with_info = kwargs.pop("output_loading_info", False)
+        source = str(pretrained_model_name_or_path)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+            )
+        except (SafetensorError, ValueError) as error:  # json's JSONDecodeError is a ValueError
+            bad = unreadable_files(source)
+            if not bad:
+                raise
+            raise OSError(f"cannot load {source}: truncated or corrupt file {'; '.join(bad)}") from error
+        problems = [
+            f"{k} has shape {tuple(a)} in the checkpoint, {tuple(b)} in the model"
+            for k, a, b in sorted(info["mismatched_keys"])
+        ]
+        problems += [f"{key} is missing" for key in sorted(info["missing_keys"])]
+        problems += [f"{key} is unexpected" for key in sorted(info["unexpected_keys"]) if not key.startswith("lm_head")]
+        if problems:
+            folder = Path(source)
+            weights = next(
+                (folder / n for n in ("model.safetensors", "model.safetensors.index.json") if (folder / n).is_file()),
+                folder,
+            )
+            raise ValueError(
+                f"the weights in {weights} do not match {folder / 'config.json'} ({len(problems)} tensors): "
+                + "; ".join(problems[:6])
+                + ("; ..." if len(problems) > 6 else "")
+            )
+        return (model, info) if with_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Transformers' save_pretrained, made atomic: it writes into a temporary sibling folder renamed into place, so
+        a failed save leaves no half-written checkpoint and an existing folder unchanged. Files of an existing folder
+        that the save does not write (e.g. a tokenizer) are kept, stale weight files are not. Other ranks, push_to_hub,
+        distributed checkpoints, symlinked folders and the working directory save in place as in Transformers."""
+        target = Path(os.path.abspath(save_directory))
+        main = args[0] if args else kwargs.get("is_main_process", True)
+        push = args[2] if len(args) > 2 else kwargs.get("push_to_hub", False)
+        in_place = push or kwargs.get("distributed_checkpoint") or not self.should_save_on_this_rank(main)
+        if in_place or target.is_file() or target.is_symlink() or Path.cwd().is_relative_to(target):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"  # not mkdtemp: keep the umask's mode
+        replaced = staging.with_suffix(".old")
+        try:
+            staging.mkdir()
+            super().save_pretrained(staging, *args, **kwargs)
+            if target.is_dir():
+                for entry in target.iterdir():
+                    if not (staging / entry.name).exists() and not _WEIGHT_FILE.fullmatch(entry.name):
+                        _link_or_copy(entry, staging / entry.name)
+                target.rename(replaced)
+            staging.rename(target)
+        except BaseException:
+            if replaced.exists() and not target.exists():
+                replaced.rename(target)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(replaced, ignore_errors=True)
+
+
+_WEIGHT_FILE = re.compile(r"(pytorch_)?model([.-].*)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Hard-link a file or a folder tree (copy where links are impossible); symlinks stay symlinks."""
+    source = Path(source)
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    elif source.is_dir():
+        shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+    else:
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+
+def unreadable_files(folder: str | os.PathLike) -> list[str]:
+    """Files of a local checkpoint folder that do not parse (JSON files, safetensors headers), with the reason."""
+    bad = []
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+        except (ValueError, OSError, SafetensorError) as error:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+            bad.append(f"{path} ({error})")
+    return bad
+
 
 class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
     """Prelude, adapter, iterated core and coda; returns the final normed hidden states (no lm_head)."""
@@ -445,15 +571,34 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         """Scaled token embeddings (B, T, D), with the input checked against the vocabulary."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        given = input_ids if inputs_embeds is None else inputs_embeds
+        if given.dim() >= 2 and 0 in given.shape[:2]:
+            raise ValueError(f"the input needs at least one row and one position, got shape {tuple(given.shape)}")
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            if (
+                not torch.compiler.is_compiling()  # a data-dependent check: eager only
+                and input_ids.numel()
+                and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size)
+            ):
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]"
                 )
             inputs_embeds = self.wte(input_ids)
+        elif (
+            inputs_embeds.dim() != 3
+            or inputs_embeds.shape[-1] != self.config.hidden_size
+            or not inputs_embeds.is_floating_point()
+        ):
+            raise ValueError(
+                f"inputs_embeds must be a float tensor (batch, seq_len, {self.config.hidden_size}), got "
+                f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}"
+            )
+        inputs_embeds = inputs_embeds.to(self.wte.weight.dtype)
         return inputs_embeds * self.config.embed_scale if self.config.scale_embeddings else inputs_embeds
 
     def block_context(
@@ -464,14 +609,31 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         cache: RecurrentCache | None,
     ) -> BlockContext:
         """Positions (following the padding mask), RoPE tables and the causal mask, built once per forward."""
-        past = cache.get_seq_length() if cache is not None else 0
-        length = embeds.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0  # a tensor for a StaticRecurrentCache
+        batch, length = embeds.shape[:2]
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and (attention_mask.shape[0] != batch or attention_mask.shape[1] < length)
+        ):
+            raise ValueError(
+                f"attention_mask must have shape (batch, past + seq_len) with batch={batch}, seq_len={length}; got "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if position_ids is not None and (
+            position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch)
+        ):
+            raise ValueError(f"position_ids must have shape ({batch} or 1, {length}), got {tuple(position_ids.shape)}")
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
             else:
-                position_ids = torch.arange(past, past + length, device=embeds.device)[None]
-        if position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+                position_ids = (torch.arange(length, device=embeds.device) + past)[None]
+        if (
+            not torch.compiler.is_compiling()  # a data-dependent check: eager only
+            and position_ids.numel()
+            and int(position_ids.max()) >= self.config.max_position_embeddings
+        ):
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond max_position_embeddings "
                 f"({self.config.max_position_embeddings}); the sequence is too long for this model"
@@ -482,6 +644,8 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
+            # A static cache returns whole buffers: only an explicit mask hides the positions not written yet.
+            allow_is_causal_skip=not isinstance(cache, StaticRecurrentCache),
         )
         return BlockContext(self.rotary(position_ids), mask, cache, past)
 
@@ -494,6 +658,8 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             return None
         if past_key_values is None:
             return RecurrentCache(self.config)
+        if not isinstance(past_key_values, Cache):
+            raise TypeError(f"past_key_values must be a RecurrentCache or None, got {type(past_key_values).__name__}")
         if not isinstance(past_key_values, RecurrentCache):
             if past_key_values.get_seq_length() != 0:
                 raise ValueError(
@@ -550,8 +716,8 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         """
         cache = self.resolve_cache(_one_cache(past_key_values, kwargs.pop("cache", None)), use_cache)
         init_scale = self.config.init_scale if init_scale is None else init_scale
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale >= 0:
-            raise ValueError(f"init_scale must be a number >= 0, got {init_scale!r}")
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 <= init_scale < math.inf:
+            raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
         if num_steps is None and self.training:
             steps = sample_num_steps(self.config.mean_recurrence, self.config.mean_backprop_depth)
         else:
@@ -634,21 +800,46 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots)."""
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode=None, batch_size=1, max_cache_length=None, **kwargs
+    ) -> None:
+        """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots); with
+        cache_implementation="static" a StaticRecurrentCache sized for this call (length, rows, num_steps)."""
         if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by recurrent-depth "
-                "models; pass past_key_values=RecurrentCache(model.config, core_slots=N) to share cache slots"
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
             )
-        model_kwargs["cache"] = RecurrentCache(self.config)
+        implementation = generation_config.cache_implementation
+        if implementation == "static":
+            steps = model_kwargs.get("num_steps")
+            steps = self.config.mean_recurrence if steps is None else steps
+            if getattr(generation_config, "max_cache_len", None) is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+            model_kwargs["cache"] = StaticRecurrentCache(
+                self.config,
+                max_cache_len=max_cache_length,
+                batch_size=rows,
+                num_steps=sum(steps) if isinstance(steps, (tuple, list)) else int(steps),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            return None
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by recurrent-depth models (use 'dynamic' "
+                "or 'static'); pass past_key_values=RecurrentCache(model.config, core_slots=N) to share cache slots"
+            )
+        # Slots allocate the whole generation length at their first write: no regrowth (copies) while decoding.
+        model_kwargs["cache"] = RecurrentCache(self.config, reserve=max_cache_length or 0)
+        return None
 
     def generate(self, *args, **kwargs):
         """Transformers' generate with `num_steps`, `init_scale`, `warm_start` and adaptive-exit options passed to
         every forward. With return_dict_in_generate, the output also carries `num_steps_used` (B, new_tokens): the
-        recurrence steps that produced each generated token."""
+        recurrence steps that produced each generated token. Refuses (ValueError) a call whose KV cache would not fit
+        in the available memory."""
+        self._check_cache_fits(args, kwargs)
         output = super().generate(*args, **kwargs)
         cache = output.get("cache") if isinstance(output, ModelOutput) else None
         if isinstance(cache, RecurrentCache) and cache.steps is not None:
@@ -656,6 +847,58 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
             first = cache.prompt_length - 1
             output["num_steps_used"] = cache.steps[:, first : output.sequences.shape[1] - 1]
         return output
+
+    def _check_cache_fits(self, args: tuple, kwargs: dict) -> None:
+        """Check the cache argument, estimate the KV cache of a generate call (rows x (prompt + max_new_tokens)
+        positions, num_steps steps) and raise a ValueError naming it and the shared-slot cache that would fit, if it
+        exceeds the available memory."""
+        names = ("inputs", "input_ids", "inputs_embeds")
+        inputs = args[0] if args else next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def option(name):
+            return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"the cache must be a RecurrentCache or None, got {type(cache).__name__}")
+        steps = kwargs.get("num_steps")
+        steps = self.config.mean_recurrence if steps is None else steps
+        steps = sum(steps) if isinstance(steps, (tuple, list)) and all(_is_count(n) for n in steps) else steps
+        new_tokens, max_length = option("max_new_tokens"), option("max_length")
+        if (
+            option("use_cache") is False
+            or isinstance(cache, StaticRecurrentCache)  # already allocated
+            or not isinstance(inputs, torch.Tensor)
+            or inputs.dim() < 2
+            or not _is_count(steps)
+            or not _is_count(new_tokens if new_tokens is not None else max_length)
+        ):
+            return  # nothing to estimate, or arguments that generate itself will refuse
+        length = inputs.shape[1] + new_tokens if new_tokens is not None else max(max_length, inputs.shape[1])
+        rows = inputs.shape[0] * max(option("num_beams") or 1, option("num_return_sequences") or 1)
+        core_slots = cache.core_slots if isinstance(cache, RecurrentCache) else None
+
+        def estimate(num_steps: int, slots: int | None = core_slots) -> int:
+            return RecurrentCache.estimate_bytes(self.config, rows, length, num_steps, slots, self.dtype)
+
+        need, available = estimate(steps), RecurrentCache.available_bytes(self.device)
+        if available is None or need <= available:
+            return
+        gib = 2**30
+        fixed, per_step = estimate(0), estimate(1) - estimate(0)
+        fits = min((available // 2 - fixed) // per_step, steps - 1)  # half: a cache growing by doubling may hold 2x
+        advice = (
+            f"pass cache=RecurrentCache(model.config, core_slots={fits}) to share core cache slots across "
+            f"steps (about {estimate(steps, fits) / gib:.3g} GiB)"
+            if fits >= 1
+            else "even one shared core slot per layer would not fit: lower max_new_tokens, the batch size or num_beams"
+        )
+        raise ValueError(
+            f"generate would need about {need / gib:.3g} GiB of KV cache ({rows} rows x {length} positions, "
+            f"num_steps={steps}, core_slots={core_slots}) but only {available / gib:.3g} GiB of memory is "
+            f"available; {advice}"
+        )
 
     def generate_speculative(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
         """Self-speculative greedy decoding (draft with few steps, verify with many); see `speculative_generate`."""
@@ -719,6 +962,17 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep]).float()
         loss = None
         if labels is not None:
+            if labels.shape != hidden.shape[:2] or labels.is_floating_point():
+                raise ValueError(
+                    f"labels must be token ids of the input's shape {tuple(hidden.shape[:2])}, got {labels.dtype} "
+                    f"{tuple(labels.shape)}"
+                )
+            ignore = kwargs.get("ignore_index", -100)
+            if (
+                not torch.compiler.is_compiling()
+                and not ((labels == ignore) | ((labels >= 0) & (labels < self.config.vocab_size))).all()
+            ):
+                raise ValueError(f"labels must lie in [0, {self.config.vocab_size}) or be {ignore} (ignored)")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return RecurrentDepthOutput(
             loss=loss,
