@@ -372,6 +372,39 @@ class Trainer:
         return self.save("final")
 
 
+def history_table(history: list[dict], window: int = 50) -> str:
+    """Markdown table of a run's evaluations: step, curriculum hops, mean training loss over the `window` steps
+    before, and each evaluated accuracy (chain) or loss (text), overall and by hop count."""
+    losses = {record["step"]: record["loss"] for record in history}
+    rows, header = [], None
+    for record in history:
+        if "eval" not in record:
+            continue
+        step = record["step"]
+        recent = [losses[s] for s in range(step - window + 1, step + 1) if s in losses]
+        cells = [str(step), str(record.get("curriculum_hops", "")), f"{sum(recent) / len(recent):.3f}"]
+        names = list(record["eval"])
+        for value in record["eval"].values():
+            if isinstance(value, dict):
+                by_hops = " ".join(f"{h}:{a:.2f}" for h, a in sorted(value["by_hops"].items(), key=lambda x: int(x[0])))
+                cells.append(f"{value['accuracy']:.2f} ({by_hops})")
+            else:
+                cells.append(f"{value:.3f}")
+        if header is None:
+            header = ["step", "hops", "loss", *names]
+            rows += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+_INT_HELP = {
+    "chain_queries": "answered queries per chain problem (target and other variables; more = denser multi-hop signal)",
+    "chain_repeats": "statements repeated after the problem with every character after the variable supervised: dense "
+    "training of the look-up (what followed `b=` before follows it again)",
+    "chain_start_hops": "curriculum: most hops at the start; one more each time that depth passes --chain-advance-at",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options of `recurrent-depth train` (one per TrainArgs field)."""
     defaults = TrainArgs(out="")
@@ -403,7 +436,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "chain_repeats",
         "chain_start_hops",
     ):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=_INT_HELP.get(name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "chain_advance_at"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument(

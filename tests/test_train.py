@@ -88,3 +88,15 @@ def test_bad_options(tmp_path):
         main(["train", "--out", str(tmp_path), "--config", "tiny", "--data", str(tmp_path / "missing.jsonl")])
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--config", "tiny", "--bogus"])
+
+
+def test_history_table_lists_each_evaluation_with_the_loss_before_it():
+    from modeling_recurrent.train import history_table
+
+    history = [{"step": s, "loss": float(s)} for s in range(1, 5)]
+    history[3]["eval"] = {"acc@1": {"accuracy": 0.5, "by_hops": {"1": 0.25, "0": 0.75}}}
+    history[3]["curriculum_hops"] = 1
+    lines = history_table(history, window=2).splitlines()
+    assert lines[0] == "| step | hops | loss | acc@1 |"
+    assert lines[2] == "| 4 | 1 | 3.500 | 0.50 (0:0.75 1:0.25) |"
+    assert len(lines) == 3
