@@ -78,8 +78,9 @@ def load(impl: str, mirror: str, folder: Path):
     return mod.RavenForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def measure(impl: str, mirror: str, folder: Path, prompt: int, new: int, threads: int) -> float:
-    """Tokens/s of one greedy generate after one warm-up call (run in the implementation's environment)."""
+def measure(impl: str, mirror: str, folder: Path, prompt: int, new: int, threads: int) -> dict[str, float]:
+    """Tokens/s of a whole greedy generate (prefill included) and of its decode alone (the time of `new` tokens
+    minus that of 1 token), after one warm-up call (run in the implementation's environment)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -103,7 +104,9 @@ def measure(impl: str, mirror: str, folder: Path, prompt: int, new: int, threads
         return tokens / (time.perf_counter() - start)
 
     run(2)
-    return run(new)
+    whole = new / run(new)
+    first = 1 / run(1)
+    return {"generate": new / whole, "decode": (new - 1) / (whole - first)}
 
 
 def main() -> None:
@@ -121,8 +124,7 @@ def main() -> None:
         make_checkpoint(args.mirror, Path(args.folder))
         return
     if args.worker:
-        tps = measure(args.worker, args.mirror, Path(args.folder), args.prompt, args.new, args.threads)
-        print(json.dumps({"tokens_per_s": tps}))
+        print(json.dumps(measure(args.worker, args.mirror, Path(args.folder), args.prompt, args.new, args.threads)))
         return
 
     if not args.ref_python:
@@ -132,18 +134,21 @@ def main() -> None:
     pythons = {"published": args.ref_python, "ours": sys.executable}
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([args.ref_python, __file__, "--worker", "make", "--folder", folder, *common], check=True)
-        results: dict[str, list[float]] = {"published": [], "ours": []}
+        results: dict[str, list[dict[str, float]]] = {"published": [], "ours": []}
         for round_ in range(args.rounds):
             for impl, python in pythons.items():
                 done = subprocess.run(
                     [python, __file__, "--worker", impl, "--folder", folder, *common],
                     check=True, capture_output=True, text=True,
                 )
-                results[impl].append(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
-            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f} tok/s" for k, v in results.items()), flush=True)
-    medians = {k: statistics.median(v) for k, v in results.items()}
-    print(json.dumps({"prompt": args.prompt, "new_tokens": args.new, "medians_tokens_per_s": medians,
-                      "ratio_ours_over_published": medians["ours"] / medians["published"]}, indent=2))
+                results[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"round {round_ + 1}: {json.dumps({k: v[-1] for k, v in results.items()})}", flush=True)
+    report = {"prompt": args.prompt, "new_tokens": args.new, "rounds": results}
+    for metric in ("generate", "decode"):
+        medians = {k: statistics.median(r[metric] for r in v) for k, v in results.items()}
+        report[f"{metric}_tokens_per_s_median"] = medians
+        report[f"{metric}_ratio_ours_over_published"] = medians["ours"] / medians["published"]
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
