@@ -22,24 +22,18 @@ import time
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-SHAPE = dict(
+sys.path.insert(0, str(FIXTURES))
+from make_huginn_fixtures import TINY, hub_config, import_reference  # noqa: E402  (the fixture maker's helpers)
+
+SHAPE = TINY | dict(  # the published tiny fixture's config at the issue-3 size
     n_embd=256,
-    n_heads=4,
     n_layers=8,
     block_size=4096,
     vocab_size=4096,
-    padding_multiple=64,
-    tie_embeddings=True,
     intermediate_size=704,
-    bias=False,
-    n_layers_in_prelude=2,
     n_layers_in_recurrent_block=4,
-    n_layers_in_coda=2,
     mean_recurrence=8,
     mean_backprop_depth=8,
-    qk_bias=True,
-    rope_base=50000,
-    norm_eps=1e-6,
 )
 
 
@@ -47,9 +41,6 @@ def make_checkpoint(mirror: str, folder: Path) -> None:
     """Published-format folder with random weights (run in the reference environment)."""
     import torch
     from safetensors.torch import save_file
-
-    sys.path.insert(0, str(FIXTURES))
-    from make_huginn_fixtures import hub_config, import_reference
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,9 +61,6 @@ def load(impl: str, mirror: str, folder: Path):
         import modeling_recurrent  # noqa: F401  (registers huginn_raven)
 
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    sys.path.insert(0, str(FIXTURES))
-    from make_huginn_fixtures import import_reference
-
     tmp = tempfile.mkdtemp()
     cfg_mod, mod = import_reference(mirror, Path(tmp))
     return mod.RavenForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

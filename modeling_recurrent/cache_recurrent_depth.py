@@ -25,6 +25,21 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 PRELUDE, CORE, CODA = "prelude", "core", "coda"
 
 
+def _check_count(name: str, value: object, minimum: int) -> int:
+    """`value` if it is an int (not a bool) >= `minimum`; else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_batch(held: int, given: int) -> None:
+    if held != given:
+        raise ValueError(
+            f"this cache holds batch size {held} but the input has batch size {given}; "
+            "use a new cache (or batch_select_indices / batch_repeat_interleave)"
+        )
+
+
 class RecurrentSlot(CacheLayerMixin):
     """Keys and values of one slot: tensors (B, kv_heads, capacity, head_dim) of which `length` positions are used."""
 
@@ -150,17 +165,13 @@ class RecurrentCache(Cache):
     """
 
     def __init__(self, config: Any, core_slots: int | None = None, reserve: int = 0):
-        if core_slots is not None and (
-            isinstance(core_slots, bool) or not isinstance(core_slots, int) or core_slots < 1
-        ):
-            raise ValueError(f"core_slots must be None (one slot per step) or an integer >= 1, got {core_slots!r}")
+        if core_slots is not None:
+            _check_count("core_slots (None: one slot per step)", core_slots, 1)
         super().__init__(layers=[])
         self.n_prelude, self.n_core, self.n_coda = config.n_prelude, config.n_core, config.n_coda
         self.kv_shape = (config.num_key_value_heads, config.attention_head_dim)
         self.core_slots = core_slots
-        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
-            raise ValueError(f"reserve must be an int >= 0 (positions), got {reserve!r}")
-        self.reserve = reserve
+        self.reserve = _check_count("reserve (positions)", reserve, 0)
         self._seq_length = 0
         self.steps: torch.Tensor | None = None  # (B, L) recurrence steps each cached token ran
         self.prompt_length = 0  # tokens of the first forward (the prompt, in generate)
@@ -204,16 +215,15 @@ class RecurrentCache(Cache):
         while len(self.layers) <= index:
             self.layers.append(RecurrentSlot(reserve=self.reserve))
         target = self.layers[index]
-        expected_batch = None if rows is not None else key_states.shape[0]
-        if target.is_initialized and expected_batch is not None and target.keys.shape[0] != expected_batch:
-            raise ValueError(
-                f"this cache holds batch size {target.keys.shape[0]} but the input has batch size {expected_batch}; "
-                "use a new cache (or batch_select_indices / batch_repeat_interleave)"
-            )
+        if target.is_initialized and rows is None:
+            _check_batch(target.keys.shape[0], key_states.shape[0])
         fill_from = self.layers[self.slot(CORE, layer, step - 1)] if phase == CORE and step > 0 else None
         keys, values = target.write(key_states, value_states, start, fill_from, rows)
         self._seq_length = max(self._seq_length, start + key_states.shape[-2])
         return keys, values
+
+    def check_room(self, length: int) -> None:
+        """Raise a ValueError if `length` more positions do not fit (once per forward; a dynamic cache always grows)."""
 
     def check_compatible(self, config: Any) -> None:
         """Raise a ValueError if this cache was built for a model of another shape."""
@@ -281,6 +291,16 @@ class RecurrentCache(Cache):
         return max(len(self.layers) - self.n_prelude - self.n_coda, 0) // self.n_core
 
     @staticmethod
+    def held_steps(num_steps: int, core_slots: int | None) -> int:
+        """Core steps a cache keeps per core layer: every step, or `core_slots` shared ones."""
+        return num_steps if core_slots is None else min(core_slots, num_steps)
+
+    @staticmethod
+    def slot_count(config: Any, num_steps: int, core_slots: int | None = None) -> int:
+        """Slots (one per block application kept) after a forward of `num_steps` steps."""
+        return config.n_prelude + config.n_coda + config.n_core * RecurrentCache.held_steps(num_steps, core_slots)
+
+    @staticmethod
     def estimate_bytes(
         config: Any,
         batch: int,
@@ -293,8 +313,7 @@ class RecurrentCache(Cache):
         (prelude + coda + core x held steps) slots x 2 (k, v) x batch x kv_heads x head_dim x length x dtype size, where
         held steps = num_steps, or min(core_slots, num_steps) with shared slots. A `StaticRecurrentCache`, or a
         `RecurrentCache` with reserve=length, allocates exactly this; one growing by doubling up to twice as much."""
-        held = num_steps if core_slots is None else min(core_slots, num_steps)
-        slots = config.n_prelude + config.n_coda + config.n_core * held
+        slots = RecurrentCache.slot_count(config, num_steps, core_slots)
         return slots * 2 * batch * config.num_key_value_heads * config.attention_head_dim * length * dtype.itemsize
 
     @staticmethod
@@ -394,15 +413,13 @@ class StaticRecurrentCache(RecurrentCache):
         device: torch.device | str | None = None,
     ):
         super().__init__(config, core_slots)
-        for name, value in (("max_cache_len", max_cache_len), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_count("max_cache_len", max_cache_len, 1)
+        _check_count("batch_size", batch_size, 1)
         num_steps = config.mean_recurrence if num_steps is None else num_steps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1 (the most steps a call will run), got {num_steps!r}")
-        self.max_cache_len, self.max_steps = max_cache_len, num_steps
-        self.core_steps_held = num_steps if core_slots is None else min(core_slots, num_steps)  # per core layer
-        n_slots = self.n_prelude + self.n_coda + self.core_steps_held * self.n_core
+        self.max_steps = _check_count("num_steps (the most steps a call will run)", num_steps, 1)
+        self.max_cache_len = max_cache_len
+        self.core_steps_held = self.held_steps(num_steps, core_slots)  # per core layer
+        n_slots = self.slot_count(config, num_steps, core_slots)
         shape = (batch_size, self.kv_shape[0], max_cache_len, self.kv_shape[1])
         self.layers = [StaticRecurrentSlot(self, shape, dtype, device) for _ in range(n_slots)]
         self.cumulative_length = torch.zeros((), dtype=torch.long, device=device)
@@ -432,18 +449,10 @@ class StaticRecurrentCache(RecurrentCache):
                 )
             self._top_step = max(self._top_step, step)
         length = key_states.shape[-2]
-        if not torch.compiler.is_compiling() and int(start) + length > self.max_cache_len:
-            raise ValueError(
-                f"this StaticRecurrentCache holds {self.max_cache_len} positions; writing {length} at {int(start)} "
-                "overflows it (build it with a larger max_cache_len)"
-            )
         target = self.layers[self.slot(phase, layer, step)]
         keys, values = target.keys, target.values
         if rows is None:
-            if key_states.shape[0] != keys.shape[0]:
-                raise ValueError(
-                    f"this cache holds batch size {keys.shape[0]} but the input has batch size {key_states.shape[0]}"
-                )
+            _check_batch(keys.shape[0], key_states.shape[0])
             positions = torch.arange(length, device=keys.device) + start
             keys.index_copy_(2, positions, key_states.to(keys.dtype))
             values.index_copy_(2, positions, value_states.to(values.dtype))
@@ -474,6 +483,13 @@ class StaticRecurrentCache(RecurrentCache):
         self.steps.index_copy_(1, positions, steps_used[:, None].expand(-1, length).to(self.steps.dtype))
         self.cumulative_length.add_(length)
         self.last_latent = last_latent
+
+    def check_room(self, length: int) -> None:
+        if not torch.compiler.is_compiling() and int(self.cumulative_length) + length > self.max_cache_len:
+            raise ValueError(
+                f"this StaticRecurrentCache holds {self.max_cache_len} positions; writing {length} at "
+                f"{int(self.cumulative_length)} overflows it (build it with a larger max_cache_len)"
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
         return self.cumulative_length

@@ -611,6 +611,8 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         """Positions (following the padding mask), RoPE tables and the causal mask, built once per forward."""
         past = cache.get_seq_length() if cache is not None else 0  # a tensor for a StaticRecurrentCache
         batch, length = embeds.shape[:2]
+        if cache is not None:
+            cache.check_room(length)
         if (
             attention_mask is not None
             and attention_mask.dim() == 2
@@ -811,8 +813,6 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
             )
         implementation = generation_config.cache_implementation
         if implementation == "static":
-            steps = model_kwargs.get("num_steps")
-            steps = self.config.mean_recurrence if steps is None else steps
             if getattr(generation_config, "max_cache_len", None) is not None:
                 max_cache_length = max(max_cache_length, generation_config.max_cache_len)
             rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
@@ -820,7 +820,7 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
                 self.config,
                 max_cache_len=max_cache_length,
                 batch_size=rows,
-                num_steps=sum(steps) if isinstance(steps, (tuple, list)) else int(steps),
+                num_steps=self._total_steps(model_kwargs.get("num_steps")),
                 dtype=self.dtype,
                 device=self.device,
             )
@@ -848,6 +848,10 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
             output["num_steps_used"] = cache.steps[:, first : output.sequences.shape[1] - 1]
         return output
 
+    def _total_steps(self, num_steps: object) -> int:
+        """All recurrence steps a call with this `num_steps` argument runs (a ValueError/TypeError if it is bad)."""
+        return sum(resolve_num_steps(num_steps, self.config.mean_recurrence, False, self.config.mean_backprop_depth))
+
     def _check_cache_fits(self, args: tuple, kwargs: dict) -> None:
         """Check the cache argument, estimate the KV cache of a generate call (rows x (prompt + max_new_tokens)
         positions, num_steps steps) and raise a ValueError naming it and the shared-slot cache that would fit, if it
@@ -859,19 +863,16 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
         def option(name):
             return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
 
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = _one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"the cache must be a RecurrentCache or None, got {type(cache).__name__}")
-        steps = kwargs.get("num_steps")
-        steps = self.config.mean_recurrence if steps is None else steps
-        steps = sum(steps) if isinstance(steps, (tuple, list)) and all(_is_count(n) for n in steps) else steps
+        steps = self._total_steps(kwargs.get("num_steps"))
         new_tokens, max_length = option("max_new_tokens"), option("max_length")
         if (
             option("use_cache") is False
             or isinstance(cache, StaticRecurrentCache)  # already allocated
             or not isinstance(inputs, torch.Tensor)
             or inputs.dim() < 2
-            or not _is_count(steps)
             or not _is_count(new_tokens if new_tokens is not None else max_length)
         ):
             return  # nothing to estimate, or arguments that generate itself will refuse
