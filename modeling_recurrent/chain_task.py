@@ -140,25 +140,46 @@ def sample_problems(
     ]
 
 
+def _check_probability(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def substitute_operands(problem: Problem, rng: random.Random, probability: float) -> tuple[str, ...]:
+    """The problem's statements with each dependent one's variable operand replaced, with `probability`, by that
+    variable's value (`g=d-8` -> `g=0-8` when d is 0). Every variable keeps its value; a substituted link costs one
+    hop less, so the arithmetic of a hop can be learned apart from the indirection it follows."""
+    if _check_probability("probability", probability) == 0:
+        return problem.statements  # draws nothing: data streams without substitution stay as they were
+    return tuple(
+        f"{s[:2]}{problem.values[s[2]]}{s[3:]}" if s[2] in problem.values and rng.random() < probability else s
+        for s in problem.statements
+    )
+
+
 def training_example(
-    problem: Problem, rng: random.Random, n_queries: int, n_repeats: int = 0
+    problem: Problem, rng: random.Random, n_queries: int, n_repeats: int = 0, literal_operands: float = 0.0
 ) -> tuple[str, list[int]]:
     """Statements, then `n_repeats` of them repeated (`;b=9`), then up to `n_queries` answered queries `;?x=a` (the
     target and other variables, in random order), and the character indices that are supervised: the answer digits,
     and every character of a repeated statement after its variable name.
 
     Repeats teach the look-up the queries need (what followed `b=` earlier follows `b=` again: an induction head)
-    with dense supervision. `n_queries=1, n_repeats=0` gives exactly `problem.prompt + problem.answer`."""
+    with dense supervision. `literal_operands` is the chance that a dependent statement is written with its operand's
+    value instead of its name (`substitute_operands`). `n_queries=1, n_repeats=0` gives exactly
+    `problem.prompt + problem.answer`."""
     if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
         raise ValueError(f"n_queries must be an int >= 1, got {n_queries!r}")
     if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 0:
         raise ValueError(f"n_repeats must be an int >= 0, got {n_repeats!r}")
+    statements = substitute_operands(problem, rng, literal_operands)
     others = [name for name in problem.values if name != problem.target]
     queried = [problem.target, *rng.sample(others, min(n_queries - 1, len(others)))]
     rng.shuffle(queried)  # else the model could learn that the first query is always the target
-    parts = [SEPARATOR.join(problem.statements)]
+    parts = [SEPARATOR.join(statements)]
     length, positions = len(parts[0]), []
-    for statement in rng.sample(problem.statements, min(n_repeats, len(problem.statements))):
+    for statement in rng.sample(statements, min(n_repeats, len(statements))):
         parts.append(SEPARATOR + statement)
         positions.extend(range(length + 2, length + 1 + len(statement)))  # after ';' and the variable name
         length += 1 + len(statement)
@@ -243,6 +264,7 @@ def training_batch(
     n_queries: int = 4,
     *,
     n_repeats: int = 0,
+    literal_operands: float = 0.0,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -254,7 +276,7 @@ def training_batch(
     texts, positions = [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
-        text, answers = training_example(problem, rng, n_queries, n_repeats)
+        text, answers = training_example(problem, rng, n_queries, n_repeats, literal_operands)
         texts.append(text)
         positions.append(answers)
     return (encoder or _Encoder(tokenizer))(texts, positions)

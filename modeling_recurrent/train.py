@@ -57,6 +57,7 @@ class TrainArgs:
     text_field: str = "text"
     chain_queries: int = 4
     chain_repeats: int = 2
+    chain_literal_operands: float = 0.0
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
@@ -239,7 +240,7 @@ class Trainer:
 
         rng = random.Random(f"{self.args.seed}-{self.step}")
         return training_batch(self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries,
-                              n_repeats=self.args.chain_repeats)
+                              n_repeats=self.args.chain_repeats, literal_operands=self.args.chain_literal_operands)
 
     def local_batch(self) -> dict[str, torch.Tensor]:
         """This rank's rows of the global batch."""
@@ -405,6 +406,12 @@ _INT_HELP = {
 }
 
 
+_FLOAT_HELP = {
+    "chain_literal_operands": "chance that a training statement `g=d-8` is written with the operand's value, `g=0-8` "
+    "(teaches a hop's arithmetic apart from its indirection; evaluation always uses the spec's format)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options of `recurrent-depth train` (one per TrainArgs field)."""
     defaults = TrainArgs(out="")
@@ -438,8 +445,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=_INT_HELP.get(name))
-    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "chain_advance_at"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "chain_advance_at", "chain_literal_operands"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
+                            help=_FLOAT_HELP.get(name))
     parser.add_argument(
         "--eval-steps",
         default=",".join(map(str, defaults.eval_steps)),
@@ -464,6 +472,8 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(ns, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= ns.chain_literal_operands <= 1:
+        raise ValueError(f"--chain-literal-operands must be in [0, 1], got {ns.chain_literal_operands}")
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     return TrainArgs(**{**fields, "config_overrides": overrides, "eval_steps": steps})
 

@@ -17,6 +17,7 @@ from modeling_recurrent.chain_task import (
     evaluate_first_token,
     generate_problem,
     sample_problems,
+    substitute_operands,
     training_batch,
     training_example,
 )
@@ -263,3 +264,42 @@ def test_repeated_statements_supervise_what_follows_the_variable():
     assert len(positions) == sum(len(r) - 1 for r in repeated) + 2
     with pytest.raises(ValueError, match="n_repeats"):
         training_example(problem, random.Random(0), 1, -1)
+
+
+def test_literal_operands_keep_every_value():
+    substituted = 0
+    for problem in sample_problems("in-distribution", 100, seed=3):
+        rng = random.Random(0)
+        assert substitute_operands(problem, rng, 0) == problem.statements
+        assert rng.random() == random.Random(0).random()  # nothing drawn: old data streams unchanged
+        everything = parse_with_literals(list(substitute_operands(problem, rng, 1.0)))
+        assert all(len(rule) == 1 or rule[0].isdigit() for rule in everything.values())
+        text, positions = training_example(problem, rng, 30, 3, literal_operands=0.5)
+        statements = text.split(";?")[0].split(";")[: len(problem.statements)]
+        rules = parse_with_literals(statements)
+        assert {name: literal_value(rules, name) for name in rules} == problem.values
+        substituted += sum(len(rule) == 3 and rule[0].isdigit() for rule in rules.values())
+        assert [text[i] for i in positions[-len(problem.values) :]] == [q[-1] for q in text.split(";?")[1:]]
+    assert substituted > 50
+    with pytest.raises(ValueError, match="probability"):
+        substitute_operands(sample_problems("harder", 1, seed=0)[0], random.Random(0), 1.5)
+
+
+LITERAL_STATEMENT = re.compile(r"([a-z])=(?:(\d)|([a-z\d])([+-])(\d))")
+
+
+def parse_with_literals(statements: list[str]) -> dict[str, tuple]:
+    """Like `parse`, but an operand may be a digit (a substituted statement)."""
+    rules = {}
+    for statement in statements:
+        name, literal, operand, sign, digit = LITERAL_STATEMENT.fullmatch(statement).groups()
+        rules[name] = (int(literal),) if literal is not None else (operand, sign, int(digit))
+    return rules
+
+
+def literal_value(rules: dict[str, tuple], name: str) -> int:
+    rule = rules[name]
+    if len(rule) == 1:
+        return rule[0]
+    base = int(rule[0]) if rule[0].isdigit() else literal_value(rules, rule[0])
+    return (base + rule[2] if rule[1] == "+" else base - rule[2]) % 10

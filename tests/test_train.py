@@ -88,6 +88,8 @@ def test_bad_options(tmp_path):
         main(["train", "--out", str(tmp_path), "--config", "tiny", "--data", str(tmp_path / "missing.jsonl")])
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--config", "tiny", "--bogus"])
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--config", "tiny", "--chain-literal-operands", "1.5"])
 
 
 def test_history_table_lists_each_evaluation_with_the_loss_before_it():
