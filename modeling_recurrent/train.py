@@ -21,6 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -53,6 +59,7 @@ class TrainArgs:
     eval_samples: int = 200
     save_every: int = 200
     activation_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0
     text_field: str = "text"
     chain_queries: int = 4
@@ -156,10 +163,19 @@ class Trainer:
             raise ValueError(
                 f"--batch-size {args.batch_size} must be divisible by the number of processes {self.world}"
             )
+        if args.fsdp and args.lora_rank:
+            raise ValueError("--fsdp and --lora-rank cannot be combined (LoRA trains few parameters: use DDP)")
         self.out = Path(args.out)
         self.model = build_model(args)
         self.config = self.model.config
         self.tokenizer = self._load_tokenizer()
+        self.step = 0
+        self.curriculum_hops = args.chain_start_hops
+        self.history: list[dict] = []
+        self._blocks: torch.Tensor | None = None
+        state = self._load_state()
+        # The optimizer is built after sharding: FSDP replaces the parameters with sharded ones.
+        self.ddp = self._parallel()
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, args.weight_decay),
             lr=args.lr,
@@ -167,12 +183,23 @@ class Trainer:
             weight_decay=args.weight_decay,
         )
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, args.warmup, args.steps)
-        self.step = 0
-        self.curriculum_hops = args.chain_start_hops
-        self.history: list[dict] = []
-        self._blocks: torch.Tensor | None = None
-        self._resume()
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        if state:
+            self._restore(state)
+
+    def _parallel(self) -> torch.nn.Module:
+        """The module the training step calls: the model itself (one process), DDP, or the model sharded in place
+        with FSDP2 (`--fsdp`): each prelude and coda block is a unit gathered for its own forward; the core blocks
+        stay in the root unit, gathered once per forward and kept for every recurrence step."""
+        if self.world == 1:
+            return self.model
+        if not self.args.fsdp:
+            return torch.nn.parallel.DistributedDataParallel(self.model)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in (*self.model.transformer.prelude, *self.model.transformer.coda):
+            fully_shard(block)
+        fully_shard(self.model)
+        return self.model
 
     def _load_tokenizer(self):
         resumed = self.out / "checkpoint-last"
@@ -186,32 +213,56 @@ class Trainer:
         raise ValueError("text data needs a tokenizer: pass --tokenizer (a folder with tokenizer.json)")
 
     # ----- checkpoints -------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
+    def _load_state(self) -> dict | None:
+        """Weights of OUT/checkpoint-last into the (not yet sharded) model; the trainer state for `_restore`."""
         last = self.out / "checkpoint-last"
         if not (last / STATE_FILE).exists():
-            return
+            return None
         state = torch.load(last / STATE_FILE, weights_only=False)
         weights = AutoModelForCausalLM.from_pretrained(last).state_dict()
         self.model.load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def _restore(self, state: dict) -> None:
+        optimizer = state["optimizer"]
+        if isinstance(optimizer["param_groups"][0]["params"][0], str):  # keyed by parameter name: any parallelism
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
+        elif self.args.fsdp and self.world > 1:
+            raise ValueError(
+                f"{self.out / 'checkpoint-last'} keeps its optimizer state by parameter index (older format): resume "
+                "it once without --fsdp, then FSDP can continue from the next checkpoint"
+            )
+        else:
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.curriculum_hops, self.history = state["step"], state["curriculum_hops"], state["history"]
         if self.rank == 0:
-            print(f"resumed from {last} at step {self.step}")
+            print(f"resumed from {self.out / 'checkpoint-last'} at step {self.step}")
+
+    def _full_state(self) -> tuple[dict | None, dict]:
+        """(model weights, or None for the model's own; optimizer state keyed by parameter name), unsharded, so that
+        a checkpoint resumes under any parallelism. Under FSDP every rank must call this (it gathers the shards) and
+        rank 0 receives the tensors."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if self.args.fsdp and self.world > 1:
+            return get_state_dict(self.model, self.optimizer, options=options)
+        return None, get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
     def save(self, name: str = "checkpoint-last") -> Path:
-        """Atomically write model, tokenizer and trainer state to OUT/name (rank 0 only)."""
+        """Atomically write model, tokenizer and trainer state to OUT/name (rank 0 writes; all ranks call it)."""
         final = self.out / name
+        weights, optimizer = self._full_state()
         if self.rank != 0:
             return final
         tmp = self.out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.model.merge_and_unload() if self.args.lora_rank and name == "final" else self.model
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         self.tokenizer.save_pretrained(tmp)
         torch.save(
             {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "step": self.step,
                 "curriculum_hops": self.curriculum_hops,
@@ -455,6 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text-field", default=defaults.text_field)
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each recurrence step")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false")
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from modeling_recurrent.cli import main
 from modeling_recurrent.train import TrainArgs, Trainer
@@ -65,18 +67,35 @@ def test_text_data_with_loss_on_every_token(tmp_path):
     assert len(losses(tmp_path / "run")) == 3
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
-    train(tmp_path / "one", steps=3)
+def torchrun(out, steps: int, *extra: str, port: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "modeling_recurrent.cli", "train", "--data", "chain", "--out", str(tmp_path / "two"), "--steps", "3",
-           "--batch-size", "8", "--eval-every", "1000", "--save-every", "2", "--warmup", "1", "--lr", "3e-3", *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "modeling_recurrent.cli", "train", "--data", "chain", "--out", str(out), "--steps", str(steps),
+           "--batch-size", "8", "--eval-every", "3", "--eval-samples", "8", "--save-every", "2", "--warmup", "1",
+           "--lr", "3e-3", *TINY, *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def evaluations(out) -> list[dict]:
+    return [r["eval"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, sharding):
+    # Both runs stop at step 3 and resume (same schedule): a sharded optimizer state must come back whole.
+    for steps in (3, 5):
+        train(tmp_path / "one", "--eval-every", "3", "--eval-samples", "8", steps=steps)
+    torchrun(tmp_path / "two", 3, *sharding, port=29533 + len(sharding))
+    torchrun(tmp_path / "two", 5, *sharding, port=29535 + len(sharding))
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert evaluations(tmp_path / "two") == evaluations(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
         "checkpoint-last", "final", "log.jsonl"]
+    one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "final") for name in ("one", "two"))
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bad_options(tmp_path):
