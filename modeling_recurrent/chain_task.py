@@ -140,7 +140,8 @@ def sample_problems(
     ]
 
 
-def _check_probability(name: str, value: object) -> float:
+def check_probability(name: str, value: object) -> float:
+    """`value` as a float, or ValueError naming `name` unless it is a number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
@@ -150,7 +151,7 @@ def substitute_operands(problem: Problem, rng: random.Random, probability: float
     """The problem's statements with each dependent one's variable operand replaced, with `probability`, by that
     variable's value (`g=d-8` -> `g=0-8` when d is 0). Every variable keeps its value; a substituted link costs one
     hop less, so the arithmetic of a hop can be learned apart from the indirection it follows."""
-    if _check_probability("probability", probability) == 0:
+    if check_probability("probability", probability) == 0:
         return problem.statements  # draws nothing: data streams without substitution stay as they were
     return tuple(
         f"{s[:2]}{problem.values[s[2]]}{s[3:]}" if s[2] in problem.values and rng.random() < probability else s

@@ -166,6 +166,8 @@ class Trainer:
         if args.fsdp and args.lora_rank:
             raise ValueError("--fsdp and --lora-rank cannot be combined (LoRA trains few parameters: use DDP)")
         self.out = Path(args.out)
+        self.last = self.out / "checkpoint-last"
+        self.sharded = args.fsdp and self.world > 1
         self.model = build_model(args)
         self.config = self.model.config
         self.tokenizer = self._load_tokenizer()
@@ -192,7 +194,7 @@ class Trainer:
         stay in the root unit, gathered once per forward and kept for every recurrence step."""
         if self.world == 1:
             return self.model
-        if not self.args.fsdp:
+        if not self.sharded:
             return torch.nn.parallel.DistributedDataParallel(self.model)
         from torch.distributed.fsdp import fully_shard
 
@@ -202,8 +204,8 @@ class Trainer:
         return self.model
 
     def _load_tokenizer(self):
-        resumed = self.out / "checkpoint-last"
-        source = self.args.tokenizer or self.args.model or (resumed if (resumed / STATE_FILE).exists() else None)
+        resumed = (self.last / STATE_FILE).exists()
+        source = self.args.tokenizer or self.args.model or (self.last if resumed else None)
         if source:
             return AutoTokenizer.from_pretrained(source)
         if self.args.data == "chain":
@@ -215,11 +217,10 @@ class Trainer:
     # ----- checkpoints -------------------------------------------------------------------------------------------
     def _load_state(self) -> dict | None:
         """Weights of OUT/checkpoint-last into the (not yet sharded) model; the trainer state for `_restore`."""
-        last = self.out / "checkpoint-last"
-        if not (last / STATE_FILE).exists():
+        if not (self.last / STATE_FILE).exists():
             return None
-        state = torch.load(last / STATE_FILE, weights_only=False)
-        weights = AutoModelForCausalLM.from_pretrained(last).state_dict()
+        state = torch.load(self.last / STATE_FILE, weights_only=False)
+        weights = AutoModelForCausalLM.from_pretrained(self.last).state_dict()
         self.model.load_state_dict(weights, strict=False)
         return state
 
@@ -228,9 +229,9 @@ class Trainer:
         if isinstance(optimizer["param_groups"][0]["params"][0], str):  # keyed by parameter name: any parallelism
             options = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
-        elif self.args.fsdp and self.world > 1:
+        elif self.sharded:
             raise ValueError(
-                f"{self.out / 'checkpoint-last'} keeps its optimizer state by parameter index (older format): resume "
+                f"{self.last} keeps its optimizer state by parameter index (older format): resume "
                 "it once without --fsdp, then FSDP can continue from the next checkpoint"
             )
         else:
@@ -238,14 +239,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.curriculum_hops, self.history = state["step"], state["curriculum_hops"], state["history"]
         if self.rank == 0:
-            print(f"resumed from {self.out / 'checkpoint-last'} at step {self.step}")
+            print(f"resumed from {self.last} at step {self.step}")
 
     def _full_state(self) -> tuple[dict | None, dict]:
         """(model weights, or None for the model's own; optimizer state keyed by parameter name), unsharded, so that
         a checkpoint resumes under any parallelism. Under FSDP every rank must call this (it gathers the shards) and
         rank 0 receives the tensors."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if self.args.fsdp and self.world > 1:
+        if self.sharded:
             return get_state_dict(self.model, self.optimizer, options=options)
         return None, get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
@@ -525,8 +526,9 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(ns, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= ns.chain_literal_operands <= 1:
-        raise ValueError(f"--chain-literal-operands must be in [0, 1], got {ns.chain_literal_operands}")
+    from .chain_task import check_probability
+
+    check_probability("--chain-literal-operands", ns.chain_literal_operands)
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     return TrainArgs(**{**fields, "config_overrides": overrides, "eval_steps": steps})
 

@@ -23,6 +23,7 @@ from modeling_recurrent.chain_task import (
 )
 
 STATEMENT = re.compile(r"([a-z])=(?:(\d)|([a-z])([+-])(\d))")
+LITERAL_STATEMENT = re.compile(r"([a-z])=(?:(\d)|([a-z\d])([+-])(\d))")  # an operand may be a substituted digit
 PROMPT = re.compile(rf"(?:{STATEMENT.pattern};)+\?[a-z]=")
 QUERY = re.compile(r"\?([a-z])=(\d)")
 SPEC_EXAMPLE = "d=0;q=b+3;b=9;r=t+7;m=6;t=m-9;g=d-8;?g="
@@ -30,11 +31,11 @@ ALPHABET = string.ascii_lowercase + string.digits + "=+-;?"
 PROBLEMS_PER_CASE = 100
 
 
-def parse(statements: list[str]) -> dict[str, tuple]:
+def parse(statements: list[str], pattern: re.Pattern = STATEMENT) -> dict[str, tuple]:
     """name -> (digit,) or (dependency, sign, digit); every variable assigned once."""
     rules: dict[str, tuple] = {}
     for statement in statements:
-        match = STATEMENT.fullmatch(statement)
+        match = pattern.fullmatch(statement)
         assert match, statement
         name, literal, dependency, sign, digit = match.groups()
         assert name not in rules, f"{name} assigned twice"
@@ -48,7 +49,8 @@ def resolve(rules: dict[str, tuple], name: str, seen: frozenset = frozenset()) -
     rule = rules[name]
     if len(rule) == 1:
         return rule[0], 0
-    value, depth = resolve(rules, rule[0], seen | {name})
+    # A digit operand is a substituted statement (training data with literal operands).
+    value, depth = (int(rule[0]), 0) if rule[0].isdigit() else resolve(rules, rule[0], seen | {name})
     return (value + rule[2] if rule[1] == "+" else value - rule[2]) % 10, depth + 1
 
 
@@ -272,34 +274,15 @@ def test_literal_operands_keep_every_value():
         rng = random.Random(0)
         assert substitute_operands(problem, rng, 0) == problem.statements
         assert rng.random() == random.Random(0).random()  # nothing drawn: old data streams unchanged
-        everything = parse_with_literals(list(substitute_operands(problem, rng, 1.0)))
+        everything = parse(list(substitute_operands(problem, rng, 1.0)), LITERAL_STATEMENT)
         assert all(len(rule) == 1 or rule[0].isdigit() for rule in everything.values())
         text, positions = training_example(problem, rng, 30, 3, literal_operands=0.5)
         statements = text.split(";?")[0].split(";")[: len(problem.statements)]
-        rules = parse_with_literals(statements)
-        assert {name: literal_value(rules, name) for name in rules} == problem.values
+        rules = parse(statements, LITERAL_STATEMENT)
+        assert {name: resolve(rules, name)[0] for name in rules} == problem.values
         substituted += sum(len(rule) == 3 and rule[0].isdigit() for rule in rules.values())
         assert [text[i] for i in positions[-len(problem.values) :]] == [q[-1] for q in text.split(";?")[1:]]
     assert substituted > 50
     with pytest.raises(ValueError, match="probability"):
         substitute_operands(sample_problems("harder", 1, seed=0)[0], random.Random(0), 1.5)
 
-
-LITERAL_STATEMENT = re.compile(r"([a-z])=(?:(\d)|([a-z\d])([+-])(\d))")
-
-
-def parse_with_literals(statements: list[str]) -> dict[str, tuple]:
-    """Like `parse`, but an operand may be a digit (a substituted statement)."""
-    rules = {}
-    for statement in statements:
-        name, literal, operand, sign, digit = LITERAL_STATEMENT.fullmatch(statement).groups()
-        rules[name] = (int(literal),) if literal is not None else (operand, sign, int(digit))
-    return rules
-
-
-def literal_value(rules: dict[str, tuple], name: str) -> int:
-    rule = rules[name]
-    if len(rule) == 1:
-        return rule[0]
-    base = int(rule[0]) if rule[0].isdigit() else literal_value(rules, rule[0])
-    return (base + rule[2] if rule[1] == "+" else base - rule[2]) % 10
