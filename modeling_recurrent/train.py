@@ -385,7 +385,12 @@ class Trainer:
     def run(self) -> Path:
         args = self.args
         self.out.mkdir(parents=True, exist_ok=True)
-        log = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
+        log = None
+        if self.rank == 0:
+            # The checkpoint's history is the record up to its step: steps logged after it before a crash are redone,
+            # so the log restarts from that history instead of appending a second copy of them.
+            log = (self.out / "log.jsonl").open("w")
+            log.writelines(json.dumps(record) + "\n" for record in self.history)
         bar = tqdm(total=args.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
         started, tokens = time.time(), 0
         while self.step < args.steps:

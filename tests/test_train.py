@@ -42,17 +42,19 @@ def test_resume_after_a_crash_continues_the_same_curve(tmp_path, monkeypatch):
     train(tmp_path / "straight", steps=6)
     original = Trainer.train_step
 
-    def crash_at_step_five(self, batch):
-        if self.step == 4:
+    def crash_in_step_six(self, batch):  # steps 1-5 logged, the last checkpoint at step 4: step 5 is redone
+        if self.step == 5:
             raise KeyboardInterrupt("simulated crash")
         return original(self, batch)
 
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_five)
+    monkeypatch.setattr(Trainer, "train_step", crash_in_step_six)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "resumed", steps=6)
     monkeypatch.setattr(Trainer, "train_step", original)
     train(tmp_path / "resumed", steps=6)
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_text_data_with_loss_on_every_token(tmp_path):
