@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+from .chain_task import build_tokenizer, check_probability, evaluate_first_token, training_batch
 from .modeling_recurrent_depth import sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
@@ -167,6 +168,7 @@ class Trainer:
             raise ValueError("--fsdp and --lora-rank cannot be combined (LoRA trains few parameters: use DDP)")
         self.out = Path(args.out)
         self.last = self.out / "checkpoint-last"
+        self.resuming = (self.last / STATE_FILE).exists()
         self.sharded = args.fsdp and self.world > 1
         self.model = build_model(args)
         self.config = self.model.config
@@ -204,20 +206,17 @@ class Trainer:
         return self.model
 
     def _load_tokenizer(self):
-        resumed = (self.last / STATE_FILE).exists()
-        source = self.args.tokenizer or self.args.model or (self.last if resumed else None)
+        source = self.args.tokenizer or self.args.model or (self.last if self.resuming else None)
         if source:
             return AutoTokenizer.from_pretrained(source)
         if self.args.data == "chain":
-            from .chain_task import build_tokenizer
-
             return build_tokenizer()
         raise ValueError("text data needs a tokenizer: pass --tokenizer (a folder with tokenizer.json)")
 
     # ----- checkpoints -------------------------------------------------------------------------------------------
     def _load_state(self) -> dict | None:
         """Weights of OUT/checkpoint-last into the (not yet sharded) model; the trainer state for `_restore`."""
-        if not (self.last / STATE_FILE).exists():
+        if not self.resuming:
             return None
         state = torch.load(self.last / STATE_FILE, weights_only=False)
         weights = AutoModelForCausalLM.from_pretrained(self.last).state_dict()
@@ -226,7 +225,8 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         optimizer = state["optimizer"]
-        if isinstance(optimizer["param_groups"][0]["params"][0], str):  # keyed by parameter name: any parallelism
+        keys = [key for group in optimizer["param_groups"] for key in group["params"]]
+        if keys and isinstance(keys[0], str):  # keyed by parameter name: any parallelism
             options = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
         elif self.sharded:
@@ -288,8 +288,6 @@ class Trainer:
             if self._blocks is None:
                 self._blocks = load_text_blocks(self.args, self.tokenizer)
             return text_batch(self._blocks, self.args.batch_size, self.args.seed, self.step)
-        from .chain_task import training_batch
-
         rng = random.Random(f"{self.args.seed}-{self.step}")
         return training_batch(self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries,
                               n_repeats=self.args.chain_repeats, literal_operands=self.args.chain_literal_operands)
@@ -353,8 +351,6 @@ class Trainer:
     def evaluate(self) -> dict:
         self.model.eval()
         if self.args.data == "chain":
-            from .chain_task import evaluate_first_token
-
             result = {
                 f"acc@{r}": evaluate_first_token(
                     self.model,
@@ -531,8 +527,6 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(ns, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    from .chain_task import check_probability
-
     check_probability("--chain-literal-operands", ns.chain_literal_operands)
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     return TrainArgs(**{**fields, "config_overrides": overrides, "eval_steps": steps})

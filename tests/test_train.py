@@ -20,10 +20,14 @@ def losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def train(out, *extra, steps=6):
-    args = ["train", "--data", "chain", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+def train_args(out, steps: int, *extra: str) -> list[str]:
+    """`recurrent-depth train` arguments of a tiny chain run (later options override earlier ones)."""
+    return ["train", "--data", "chain", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
             "--eval-every", "1000", "--save-every", "2", "--warmup", "1", "--lr", "3e-3", *TINY, *extra]
-    assert main(args) == 0
+
+
+def train(out, *extra, steps=6):
+    assert main(train_args(out, steps, *extra)) == 0
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -72,9 +76,7 @@ def test_text_data_with_loss_on_every_token(tmp_path):
 def torchrun(out, steps: int, *extra: str, port: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "modeling_recurrent.cli", "train", "--data", "chain", "--out", str(out), "--steps", str(steps),
-           "--batch-size", "8", "--eval-every", "3", "--eval-samples", "8", "--save-every", "2", "--warmup", "1",
-           "--lr", "3e-3", *TINY, *extra]
+           "-m", "modeling_recurrent.cli", *train_args(out, steps, "--eval-every", "3", "--eval-samples", "8", *extra)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
