@@ -286,7 +286,8 @@ def training_batch(
 class ChainBatches:
     """Endless training batches; batch k depends only on (seed, k), so a resumed run sees the same data.
 
-    `hops` / `hop_weights` may be reassigned between batches to follow a curriculum.
+    `hops` / `hop_weights` may be reassigned between batches to follow a curriculum; the other arguments are those
+    of `training_batch`.
     """
 
     def __init__(
@@ -298,10 +299,13 @@ class ChainBatches:
         *,
         hop_weights: Sequence[float] | None = None,
         n_queries: int = 4,
+        n_repeats: int = 0,
+        literal_operands: float = 0.0,
         start: int = 0,
     ) -> None:
         self.encoder = _Encoder(tokenizer)
-        self.tokenizer, self.seed, self.batch_size, self.n_queries = tokenizer, seed, batch_size, n_queries
+        self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
+        self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -313,6 +317,8 @@ class ChainBatches:
             self.batch_size,
             self.hops,
             self.n_queries,
+            n_repeats=self.n_repeats,
+            literal_operands=self.literal_operands,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

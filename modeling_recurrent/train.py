@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,9 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
-from .chain_task import build_tokenizer, check_probability, evaluate_first_token, training_batch
+from .chain_task import ChainBatches, build_tokenizer, check_probability, evaluate_first_token
 from .modeling_recurrent_depth import sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
@@ -38,7 +37,8 @@ STATE_FILE = "trainer_state.pt"
 
 @dataclass
 class TrainArgs:
-    """Everything one training run is defined by (saved beside each checkpoint)."""
+    """Everything one training run is defined by (saved beside each checkpoint); validated on construction, so the
+    Python API and the command line reject the same bad values with the same messages."""
 
     out: str
     data: str = "chain"  # "chain" or a local .txt / .jsonl file (or a folder of them)
@@ -50,7 +50,7 @@ class TrainArgs:
     batch_size: int = 32  # global batch (sequences per optimizer step, over all ranks)
     seq_len: int = 256  # text data: packed sequence length
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -70,6 +70,30 @@ class TrainArgs:
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
     mean_recurrence: int | None = None  # training depth mean (default: the config's)
+
+    def __post_init__(self) -> None:
+        least = {"steps": 1, "batch_size": 1, "seq_len": 1, "eval_every": 1, "eval_samples": 1, "save_every": 1,
+                 "chain_queries": 1, "warmup": 0, "seed": 0, "lora_rank": 0, "chain_repeats": 0, "chain_start_hops": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{_option(name)} must be an integer >= {low}, got {value!r}")
+        if self.mean_recurrence is not None and (not isinstance(self.mean_recurrence, int) or self.mean_recurrence < 1):
+            raise ValueError(f"--mean-recurrence must be an integer >= 1, got {self.mean_recurrence!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0:
+            raise ValueError(f"--grad-clip must be > 0, got {self.grad_clip!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands"):
+            check_probability(_option(name), getattr(self, name))
+        if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
+            raise ValueError(f"--eval-steps must be positive integers, got {self.eval_steps!r}")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def distributed_setup() -> tuple[int, int]:
@@ -177,6 +201,7 @@ class Trainer:
         self.curriculum_hops = args.chain_start_hops
         self.history: list[dict] = []
         self._blocks: torch.Tensor | None = None
+        self._chain: ChainBatches | None = None
         state = self._load_state()
         # The optimizer is built after sharding: FSDP replaces the parameters with sharded ones.
         self.ddp = self._parallel()
@@ -186,7 +211,9 @@ class Trainer:
             betas=(0.9, 0.95),
             weight_decay=args.weight_decay,
         )
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, args.warmup, args.steps)
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer, args.warmup, args.steps, min_lr_rate=args.min_lr_ratio
+        )
         if state:
             self._restore(state)
 
@@ -288,9 +315,12 @@ class Trainer:
             if self._blocks is None:
                 self._blocks = load_text_blocks(self.args, self.tokenizer)
             return text_batch(self._blocks, self.args.batch_size, self.args.seed, self.step)
-        rng = random.Random(f"{self.args.seed}-{self.step}")
-        return training_batch(self.tokenizer, rng, self.args.batch_size, self._hop_range(), self.args.chain_queries,
-                              n_repeats=self.args.chain_repeats, literal_operands=self.args.chain_literal_operands)
+        if self._chain is None:
+            args = self.args
+            self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
+                                       n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands)
+        self._chain.hops = self._hop_range()
+        return self._chain.batch(self.step)
 
     def local_batch(self) -> dict[str, torch.Tensor]:
         """This rank's rows of the global batch."""
@@ -300,14 +330,6 @@ class Trainer:
         if not self.args.chain_curriculum:
             return 0, 6
         return 0, min(self.curriculum_hops, 6)
-
-    def train_mean_recurrence(self) -> int:
-        """Mean training depth; during the chain curriculum it grows with the hops (shallow problems need few
-        steps, so early training is cheaper)."""
-        mean = self.args.mean_recurrence or self.config.mean_recurrence
-        if self.args.data == "chain" and self.args.chain_curriculum:
-            mean = min(mean, 4 + 2 * self.curriculum_hops)
-        return mean
 
     def _initial_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's rows of the global batch's random initial states, drawn from a generator seeded by the step,
@@ -324,7 +346,7 @@ class Trainer:
         """One optimizer step on this rank's slice; returns (global mean loss, tokens processed here)."""
         self.model.train()
         depth = sample_num_steps(
-            self.config.mean_recurrence,
+            self.args.mean_recurrence or self.config.mean_recurrence,
             self.config.mean_backprop_depth,
             torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.step),
         )
@@ -451,22 +473,34 @@ def history_table(history: list[dict], window: int = 50) -> str:
     return "\n".join(rows)
 
 
-_INT_HELP = {
+_HELP = {
+    "steps": "optimizer steps in all; the cosine schedule spans them (changing it on resume changes the learning rate)",
+    "batch_size": "global batch: sequences per optimizer step, over all processes",
+    "seq_len": "text data: tokens per packed sequence",
+    "warmup": "steps of linear learning-rate warmup",
+    "seed": "seed of the initial weights, the data stream and the depth draws (a resumed run continues its stream)",
+    "eval_every": "evaluate every N steps and at the last step",
+    "eval_samples": "chain data: fresh in-distribution problems per evaluation",
+    "save_every": "write OUT/checkpoint-last every N steps",
+    "lora_rank": "with --model: train LoRA adapters of this rank (peft) instead of every weight; 0 trains all weights",
+    "mean_recurrence": "mean of the training depth (Poisson-lognormal draws per step); default: the config's",
     "chain_queries": "answered queries per chain problem (target and other variables; more = denser multi-hop signal)",
     "chain_repeats": "statements repeated after the problem with every character after the variable supervised: dense "
     "training of the look-up (what followed `b=` before follows it again)",
     "chain_start_hops": "curriculum: most hops at the start; one more each time that depth passes --chain-advance-at",
-}
-
-
-_FLOAT_HELP = {
+    "lr": "peak learning rate (AdamW, betas 0.9 / 0.95)",
+    "min_lr_ratio": "learning rate at the last step, as a fraction of --lr (cosine decay)",
+    "weight_decay": "AdamW weight decay on matrices (not on norms, biases or the embedding)",
+    "grad_clip": "clip the global gradient norm to this value",
+    "chain_advance_at": "curriculum: accuracy on the current most hops (best over --eval-steps) that adds a hop",
     "chain_literal_operands": "chance that a training statement `g=d-8` is written with the operand's value, `g=0-8` "
     "(teaches a hop's arithmetic apart from its indirection; evaluation always uses the spec's format)",
+    "text_field": "text data: the .jsonl field holding the text",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Command-line options of `recurrent-depth train` (one per TrainArgs field)."""
+    """Command-line options of `recurrent-depth train` (one per TrainArgs field); values are checked by TrainArgs."""
     defaults = TrainArgs(out="")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl); resumes if present")
     parser.add_argument(
@@ -482,35 +516,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set hidden_size=256 (repeatable)",
     )
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, or the chain tokenizer)")
-    for name in (
-        "steps",
-        "batch_size",
-        "seq_len",
-        "warmup",
-        "seed",
-        "eval_every",
-        "eval_samples",
-        "save_every",
-        "lora_rank",
-        "chain_queries",
-        "chain_repeats",
-        "chain_start_hops",
-    ):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                            help=_INT_HELP.get(name))
-    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "chain_advance_at", "chain_literal_operands"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
-                            help=_FLOAT_HELP.get(name))
+    types = {"lr": float, "min_lr_ratio": float, "weight_decay": float, "grad_clip": float, "chain_advance_at": float,
+             "chain_literal_operands": float, "text_field": str}
+    for name, help_text in _HELP.items():
+        parser.add_argument(_option(name), type=types.get(name, int), default=getattr(defaults, name), help=help_text)
     parser.add_argument(
         "--eval-steps",
         default=",".join(map(str, defaults.eval_steps)),
         help="comma-separated num_steps for periodic evaluation",
     )
-    parser.add_argument("--text-field", default=defaults.text_field)
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each recurrence step")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
-    parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false")
+    parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false",
+                        help="chain data: train on hops 0-6 from the start instead of adding hops one at a time")
 
 
 def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
@@ -521,13 +540,10 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
         if not sep:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" or value in ("null",) else value
-    steps = [int(s) for s in ns.eval_steps.split(",") if s.strip()]
-    if not steps or min(steps) < 1:
-        raise ValueError(f"--eval-steps must be positive integers, got {ns.eval_steps!r}")
-    for name in ("steps", "batch_size", "seq_len"):
-        if getattr(ns, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    check_probability("--chain-literal-operands", ns.chain_literal_operands)
+    try:
+        steps = [int(s) for s in ns.eval_steps.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--eval-steps must be comma-separated positive integers, got {ns.eval_steps!r}") from None
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     return TrainArgs(**{**fields, "config_overrides": overrides, "eval_steps": steps})
 

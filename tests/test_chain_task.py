@@ -223,6 +223,9 @@ def test_hop_selection_and_reproducibility():
     assert not torch.equal(first["input_ids"][:, :8], second["input_ids"][:, :8])
     one_query = ChainBatches(tok, seed=7, batch_size=4, n_queries=1).batch(0)
     assert ((one_query["labels"] != -100).sum(1) == 2).all()  # the answer and the eos
+    rich = ChainBatches(tok, 7, 8, (0, 2), n_queries=5, n_repeats=3, literal_operands=0.5).batch(3)
+    same = training_batch(tok, random.Random("7-3"), 8, (0, 2), 5, n_repeats=3, literal_operands=0.5)
+    assert all(torch.equal(rich[k], same[k]) for k in rich)  # the trainer's stream, reproducible by hand
 
 
 def test_accuracy_by_hops():

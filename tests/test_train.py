@@ -115,6 +115,50 @@ def test_bad_options(tmp_path):
         main(["train", "--out", str(tmp_path), "--config", "tiny", "--chain-literal-operands", "1.5"])
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [("eval_every", 0, "--eval-every"), ("save_every", 0, "--save-every"), ("chain_queries", 0, "--chain-queries"),
+     ("warmup", -1, "--warmup"), ("steps", 2.5, "--steps"), ("lr", 0.0, "--lr"), ("grad_clip", -1.0, "--grad-clip"),
+     ("weight_decay", -0.1, "--weight-decay"), ("min_lr_ratio", 1.5, "--min-lr-ratio"),
+     ("chain_advance_at", -0.1, "--chain-advance-at"), ("mean_recurrence", 0, "--mean-recurrence"),
+     ("eval_steps", [], "--eval-steps"), ("eval_steps", [4, 0], "--eval-steps")],
+)
+def test_bad_values_are_rejected_naming_the_option(field, value, option):
+    with pytest.raises(ValueError, match=option):
+        TrainArgs(out="x", **{field: value})
+
+
+def test_bad_values_on_the_command_line_exit_with_the_message(tmp_path, capsys):
+    for extra in (["--eval-every", "0"], ["--eval-steps", "1,x"], ["--lr", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["train", "--out", str(tmp_path), "--config", "tiny", *extra])
+        assert extra[0] in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from modeling_recurrent.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert [a.option_strings for a in parser._actions if not a.help] == []
+
+
+def test_mean_recurrence_sets_the_training_depth_and_min_lr_ratio_the_final_rate(tmp_path, monkeypatch):
+    import modeling_recurrent.train as train_module
+
+    means = []
+    original = train_module.sample_num_steps
+    monkeypatch.setattr(train_module, "sample_num_steps", lambda mean, *rest: means.append(mean) or original(mean, *rest))
+    trainer = Trainer(TrainArgs(out=str(tmp_path), config="tiny", steps=3, batch_size=2, warmup=0, lr=1e-3,
+                                min_lr_ratio=0.25, mean_recurrence=2, eval_every=100, save_every=100,
+                                config_overrides={"vocab_size": 44, "hidden_size": 32, "mean_backprop_depth": 1}))
+    trainer.run()
+    assert means == [2, 2, 2]
+    assert trainer.history[-1]["lr"] == pytest.approx(0.25e-3)
+
+
 def test_history_table_lists_each_evaluation_with_the_loss_before_it():
     from modeling_recurrent.train import history_table
 
