@@ -25,15 +25,24 @@ DEFAULT_TAGS = ("recurrent-depth", "latent-reasoning", "test-time-compute", "cus
 
 
 def load_lm_eval(results: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """An lm-eval results JSON (path or parsed); it must have a `results` mapping."""
+    """Evaluation results (path or parsed): lm-eval's JSON, with a `results` mapping, or a `recurrent-depth eval`
+    sweep, with a `settings` list of such results (one per num_steps / exit setting)."""
     data = json.loads(Path(results).read_text()) if isinstance(results, (str, Path)) else dict(results)
-    if not isinstance(data.get("results"), Mapping):
-        raise ValueError("not an lm-eval results file: no 'results' mapping")
+    settings = data.get("settings")
+    if isinstance(settings, list):
+        if not settings or not all(isinstance(s, Mapping) and isinstance(s.get("results"), Mapping) for s in settings):
+            raise ValueError("a `recurrent-depth eval` results file needs settings, each with a 'results' mapping")
+    elif not isinstance(data.get("results"), Mapping):
+        raise ValueError(
+            "not evaluation results: an lm-eval results file has a 'results' mapping, a `recurrent-depth eval` "
+            "results file a 'settings' list"
+        )
     return data
 
 
 def eval_num_steps(data: Mapping[str, Any]) -> int | None:
-    """The `num_steps` (or `mean_recurrence`) the evaluation ran with, read from its model_args."""
+    """The `num_steps` (or `mean_recurrence`) one lm-eval run used, read from its model_args (None for a sweep,
+    whose entries name their setting)."""
     args = (data.get("config") or {}).get("model_args") or ""
     if isinstance(args, Mapping):
         value = args.get("num_steps", args.get("mean_recurrence"))
@@ -43,17 +52,44 @@ def eval_num_steps(data: Mapping[str, Any]) -> int | None:
 
 
 def lm_eval_to_eval_results(results: str | Path | Mapping[str, Any]) -> list[EvalResult]:
-    """One EvalResult per task and metric of an lm-eval results JSON (standard errors and aliases skipped)."""
+    """model-index entries: one per task and metric ("metric,filter" keys, standard errors skipped) of an lm-eval
+    results JSON; for a `recurrent-depth eval` sweep one per setting, task and metric, the setting in the metric name
+    (e.g. 'acc, num_steps=32') and its steps and FLOPs per token in `metric_args`."""
     data = load_lm_eval(results)
+    if "settings" not in data:
+        return _entries(data)
+    out = []
+    for setting in data["settings"]:
+        metric_args = {
+            "num_steps": setting["num_steps"],
+            "avg_steps_per_token": round(setting["avg_steps_per_token"], 3),
+            "flops_per_token": round(setting["flops_per_token"]),
+        }
+        if setting.get("exit_criterion") is not None:
+            metric_args["exit_criterion"] = setting["exit_criterion"]
+        out += _entries(setting, f", {setting['label']}", metric_args)
+    return out
+
+
+def metric_items(metrics: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """('metric,filter', value) pairs of one lm-eval task result: lm-eval names metrics "metric,filter", so keys
+    without a comma (alias, name, sample_len) and standard errors are left out."""
+    return [
+        (key, float(value))
+        for key, value in metrics.items()
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+
+
+def _entries(data: Mapping[str, Any], suffix: str = "", metric_args: dict | None = None) -> list[EvalResult]:
     configs, shots = data.get("configs") or {}, data.get("n-shot") or {}
     out = []
     for task, metrics in data["results"].items():
         cfg = configs.get(task) or {}
         num_fewshot = shots.get(task, cfg.get("num_fewshot"))
-        for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
+        for key, value in metric_items(metrics):
             metric, _, filter_name = key.partition(",")
+            name = metric if filter_name in ("", "none") else f"{metric} ({filter_name})"
             out.append(
                 EvalResult(
                     task_type="text-generation",
@@ -64,8 +100,9 @@ def lm_eval_to_eval_results(results: str | Path | Mapping[str, Any]) -> list[Eva
                     dataset_split=cfg.get("test_split") or cfg.get("validation_split"),
                     dataset_args={"num_few_shot": num_fewshot} if num_fewshot is not None else None,
                     metric_type=metric,
-                    metric_name=metric if filter_name in ("", "none") else f"{metric} ({filter_name})",
-                    metric_value=round(float(value), 4),
+                    metric_name=name + suffix,
+                    metric_value=round(value, 4),
+                    metric_args=metric_args,
                     source_name=LM_EVAL,
                     source_url=LM_EVAL_URL,
                 )

@@ -21,7 +21,8 @@ from typing import Any
 
 import lm_eval  # optional dependency (the `eval` extra): without it `recurrent-depth eval` reports itself unavailable
 import torch
-from huggingface_hub import EvalResult
+
+from .convert.card import metric_items
 
 PACKAGE = Path(__file__).resolve().parent
 TASK_PATH = PACKAGE / "tasks"
@@ -30,7 +31,6 @@ DEFAULT_MODEL = PACKAGE / "checkpoints" / "chain-tiny"
 # data file -> (chain_task split, problems, seed); integer seeds never used by training (which seeds with strings).
 CHAIN_TASK_DATA = {"in_distribution": ("in-distribution", 300, 60_001), "harder": ("harder", 300, 60_002)}
 LM_NAME = "recurrent-depth"
-LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +38,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="chain_mc,chain_gen", help="comma-separated lm-eval task names")
     parser.add_argument("--num-steps", default="1,4,16,32", help="comma-separated num_steps (maxima with an exit)")
     parser.add_argument("--exit-criterion", default=None, help="per-token adaptive exit, e.g. kl")
-    parser.add_argument("--exit-threshold", type=float, default=None, help="threshold (default: the published one)")
+    parser.add_argument(
+        "--exit-threshold", type=_number, default=None,
+        help="threshold (default: the published one); an integer for argmax-stability",
+    )
     parser.add_argument("--min-steps", type=int, default=0, help="steps before an exit is allowed")
     parser.add_argument("--init-scale", type=float, default=None, help="initial-state scale (0: deterministic)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (left-padded batches)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task (for quick checks)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--out", default="eval-out", help="output directory for results.json and the plot")
     parser.add_argument(
         "--print-task-path", action="store_true", help="print the folder of the shipped tasks (for --include_path)"
     )
+
+
+def _number(text: str) -> int | float:
+    """An int when the text is one (argmax-stability counts steps), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def write_chain_task_data(folder: str | Path = CHAIN_TASK_DIR) -> list[Path]:
@@ -148,13 +160,20 @@ def parse_num_steps(text: str) -> list[int]:
 
 def check_args(args: argparse.Namespace) -> tuple[Path, list[str], list[int]]:
     """The model folder, task names and num_steps of the command line; ValueError / FileNotFoundError if bad."""
-    from .generation_recurrent_depth import EXIT_CRITERIA
+    from .generation_recurrent_depth import EXIT_CRITERIA, make_exit_criterion
 
     steps = parse_num_steps(args.num_steps)
     if args.exit_criterion is not None and args.exit_criterion not in EXIT_CRITERIA:
         raise ValueError(f"--exit-criterion must be one of {sorted(EXIT_CRITERIA)}, got {args.exit_criterion!r}")
     if args.exit_criterion is None and (args.exit_threshold is not None or args.min_steps):
         raise ValueError("--exit-threshold and --min-steps need an --exit-criterion")
+    if args.exit_criterion is not None:
+        try:  # the model checks the same again on every forward: fail here, before lm-eval loads anything
+            make_exit_criterion(args.exit_criterion, args.exit_threshold)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--exit-threshold: {error}") from None
+        if not 0 <= args.min_steps <= min(steps):
+            raise ValueError(f"--min-steps must be in [0, smallest --num-steps {min(steps)}], got {args.min_steps}")
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -221,15 +240,6 @@ def headline(metrics: dict[str, Any]) -> tuple[str, float]:
     for key, value in metric_items(metrics):
         return key, value
     raise ValueError(f"no metric in {sorted(metrics)}")
-
-
-def metric_items(metrics: dict[str, Any]) -> list[tuple[str, float]]:
-    """('metric,filter', value) pairs of an lm-eval task result; not 'alias', 'name', 'sample_len' or stderrs."""
-    return [
-        (key, float(value))
-        for key, value in metrics.items()
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
-    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,43 +310,3 @@ def plot(settings: list[dict], tasks: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def eval_results_for_card(results_json_path: str | Path) -> list[EvalResult]:
-    """model-index entries from a `recurrent-depth eval` results.json: one per setting, task and metric; the
-    setting is in the metric name (e.g. 'acc, num_steps=32') and its steps and FLOPs per token in metric_args."""
-    data = json.loads(Path(results_json_path).read_text())
-    if not isinstance(data.get("settings"), list):
-        raise ValueError(f"{results_json_path}: not a `recurrent-depth eval` results file (no 'settings' list)")
-    out = []
-    for setting in data["settings"]:
-        metric_args = {
-            "num_steps": setting["num_steps"],
-            "avg_steps_per_token": round(setting["avg_steps_per_token"], 3),
-            "flops_per_token": round(setting["flops_per_token"]),
-        }
-        if setting.get("exit_criterion") is not None:
-            metric_args["exit_criterion"] = setting["exit_criterion"]
-        for task, metrics in setting["results"].items():
-            cfg, shots = setting["configs"].get(task, {}), setting.get("n-shot", {}).get(task)
-            for key, value in metric_items(metrics):
-                metric, _, filter_name = key.partition(",")
-                name = metric if filter_name in ("", "none") else f"{metric} ({filter_name})"
-                out.append(
-                    EvalResult(
-                        task_type="text-generation",
-                        task_name=task,
-                        dataset_type=cfg.get("dataset_path") or task,
-                        dataset_name=task,
-                        dataset_config=cfg.get("dataset_name"),
-                        dataset_split=cfg.get("test_split"),
-                        dataset_args={"num_few_shot": shots} if shots is not None else None,
-                        metric_type=metric,
-                        metric_name=f"{name}, {setting['label']}",
-                        metric_value=round(value, 4),
-                        metric_args=metric_args,
-                        source_name="lm-evaluation-harness",
-                        source_url=LM_EVAL_URL,
-                    )
-                )
-    return out

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCardData
 
 from modeling_recurrent import cli
 from modeling_recurrent.chain_task import build_tokenizer
+from modeling_recurrent.convert import lm_eval_to_eval_results, upload_files
 from modeling_recurrent.evaluate import (
     CHAIN_TASK_DATA,
     CHAIN_TASK_DIR,
@@ -21,7 +22,6 @@ from modeling_recurrent.evaluate import (
     StepTally,
     add_arguments,
     check_args,
-    eval_results_for_card,
     write_chain_task_data,
 )
 from tests.conftest import tiny_model
@@ -111,11 +111,21 @@ def test_print_task_path(capsys, tmp_path, monkeypatch):
         (["--batch-size", "0"], ValueError, "batch-size"),
         (["--model", "/does/not/exist"], FileNotFoundError, "not a model folder"),
         (["--tasks", " , "], ValueError, "at least one"),
+        (["--exit-criterion", "argmax-stability", "--exit-threshold", "2.5"], ValueError, "exit-threshold.*int"),
+        (["--exit-criterion", "kl", "--exit-threshold", "-1"], ValueError, "exit-threshold.*>= 0"),
+        (["--exit-criterion", "kl", "--min-steps", "-1"], ValueError, "min-steps"),
+        (["--exit-criterion", "kl", "--num-steps", "4,16", "--min-steps", "5"], ValueError, "min-steps.*4"),
     ],
 )
 def test_bad_input(model_dir, argv, error, message):
     with pytest.raises(error, match=message):
         check_args(parse(["--model", str(model_dir), *argv]))
+
+
+def test_argmax_stability_takes_an_integer_threshold(model_dir):
+    args = parse(["--model", str(model_dir), "--exit-criterion", "argmax-stability", "--exit-threshold", "3"])
+    check_args(args)
+    assert args.exit_threshold == 3 and isinstance(args.exit_threshold, int)
 
 
 def test_cli_reports_bad_input(model_dir, capsys):
@@ -192,15 +202,19 @@ def test_sweep_writes_json_plot_and_card_entries(model_dir, tmp_path, capsys):
     (adaptive,) = json.loads((tmp_path / "exit" / "results.json").read_text())["settings"]
     assert adaptive["exit_criterion"] == "latent-diff" and 1 <= adaptive["avg_steps_per_token"] < 6
 
-    entries = eval_results_for_card(tmp_path / "fixed" / "results.json")
+    entries = lm_eval_to_eval_results(tmp_path / "fixed" / "results.json")
     assert len(entries) == 4  # 2 settings x 2 tasks, one metric each
     assert {e.metric_name for e in entries} >= {"acc, num_steps=1", "exact_match (first-char), num_steps=3"}
     assert all(e.metric_args["num_steps"] in (1, 3) and e.source_name == "lm-evaluation-harness" for e in entries)
     assert "model-index" in ModelCardData(model_name="chain-tiny", eval_results=entries).to_dict()
+    # the upload command takes the sweep's JSON for the card
+    card = upload_files(model_dir, "me/chain", eval_results=tmp_path / "fixed" / "results.json")["README.md"]
+    assert "acc, num_steps=3" in card.decode() and "model-index" in card.decode()
 
 
-def test_eval_results_for_card_rejects_other_json(tmp_path):
+@pytest.mark.parametrize("data", [{"results": []}, {"settings": []}, {"settings": [{"label": "x"}]}, {"other": 1}])
+def test_card_entries_reject_other_json(tmp_path, data):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"results": {}}))
-    with pytest.raises(ValueError, match="settings"):
-        eval_results_for_card(path)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="results"):
+        lm_eval_to_eval_results(path)
