@@ -13,6 +13,7 @@ import torch
 from .huginn import convert_huginn
 from .pretrain import convert_pretrain
 from .retrofit import convert_retrofit
+from .shards import parse_shard_size
 from .upload import upload
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,12 +43,16 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="source model folder or checkpoint file")
     parser.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="cast floating tensors (default: keep)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard: 5GB, 500MB, 2GiB or bytes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
 def _output_kwargs(args: argparse.Namespace) -> dict:
+    try:  # checked before any tensor is read
+        parse_shard_size(args.max_shard_size)
+    except ValueError as error:
+        raise ValueError(f"--max-shard-size: {error}") from None
     return dict(
         dtype=DTYPES[args.dtype],
         max_shard_size=args.max_shard_size,
@@ -170,7 +175,11 @@ def add_upload_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
     parser.add_argument("--output", default=None, help="dry-run folder (default: FOLDER-upload)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dry-run folder")
-    parser.add_argument("--eval-results", default=None, help="lm-eval results JSON for the card's model-index")
+    parser.add_argument(
+        "--eval-results",
+        default=None,
+        help="lm-eval results JSON, or the results.json of `recurrent-depth eval`, for the card's model-index",
+    )
     parser.add_argument("--base-model", default=None, help="Hub id of the model this one was derived from")
     parser.add_argument("--license", default="apache-2.0", help="license id for the card (default: apache-2.0)")
     parser.add_argument("--tag", action="append", default=[], help="extra card tag (repeatable)")

@@ -53,6 +53,17 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def parse_shard_size(size: int | str) -> int:
+    """Bytes of a shard size such as 5GB, 500MB, 2GiB or a plain byte count; ValueError unless positive."""
+    try:
+        value = int(size) if isinstance(size, int) or str(size).isdigit() else convert_file_size_to_int(size)
+    except (ValueError, TypeError, AttributeError):
+        value = 0
+    if isinstance(size, bool) or value <= 0:
+        raise ValueError(f"max_shard_size must be a positive size such as 5GB, 500MB or 2GiB, got {size!r}")
+    return value
+
+
 def save_plan(
     plan: Plan,
     source: Mapping[str, torch.Tensor],
@@ -65,7 +76,7 @@ def save_plan(
 ) -> dict[str, torch.Tensor]:
     """Compute every output of `plan` from `source` and write it to `folder`; returns the output specs."""
     specs = dict(specs) if specs is not None else output_specs(plan, source, dtype)
-    shards = shard_keys(specs, convert_file_size_to_int(max_shard_size))
+    shards = shard_keys(specs, parse_shard_size(max_shard_size))
     names = shard_names(len(shards))
     total = sum(s.numel() * s.element_size() for s in specs.values())
     like = like_getter(source)

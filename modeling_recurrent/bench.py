@@ -112,10 +112,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PRESETS,
         help=f"comma-separated shapes among {sorted(PRESETS)} (default {DEFAULT_PRESETS}; 'quick' is the smoke test)",
     )
-    parser.add_argument("--quick", action="store_true", help="the smallest run (preset 'quick', 1 repeat, no compile)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smoke test: preset 'quick', 1 repeat, no compile, 2 chain texts at 4 steps (overrides --preset, "
+        "--repeats, --compile and --chain-problems)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="rounds per measurement; medians are reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of both models")
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -141,8 +146,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [name for name in presets if name not in PRESETS]
     if unknown or not presets:
         raise ValueError(f"--preset must name shapes among {sorted(PRESETS)}, got {args.preset!r}")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    counts = {"--repeats": args.repeats, "--chain-problems": args.chain_problems, "--threads": args.threads}
+    for name, value in counts.items():
+        if value is not None and value < 1:  # checked before the first preset: a late failure would lose every result
+            raise ValueError(f"{name} must be >= 1, got {value}")
     repeats = 1 if args.quick else args.repeats
     if args.threads is not None:
         torch.set_num_threads(args.threads)

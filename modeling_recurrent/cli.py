@@ -23,15 +23,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "variable-depth training (chain task or local text), resumable, data-parallel with torchrun",
         "recurrent-depth train --config chain-tiny --data chain --steps 4000 --out runs/chain",
     ),
+    # convert and upload build their own subparsers (help, examples); the text here shows only if they fail to import
     "convert": (
         "modeling_recurrent.convert.cli",
-        "convert published huginn, pretraining .pth or Llama-family checkpoints",
-        "recurrent-depth convert llama SRC DST --prelude 0-3 --core 10-17 --coda 18-21",
+        "convert checkpoints to and from this package's format",
+        None,
     ),
     "upload": (
         "modeling_recurrent.convert.cli",
-        "upload a model folder with its model card and remote code to the Hugging Face Hub",
-        "recurrent-depth upload runs/chain/final user/chain-tiny --dry-run",
+        "upload a model folder to the Hugging Face Hub with its code and model card",
+        None,
     ),
     "eval": (
         "modeling_recurrent.evaluate",

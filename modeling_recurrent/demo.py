@@ -1,9 +1,9 @@
 """`recurrent-depth demo`: the paper's central claim on a CPU-trained model.
 
-Fresh variable-chain problems are answered with greedy `generate` at increasing recurrence depth; accuracy rises with
-num_steps, with no extra parameters and no chain-of-thought tokens, including on longer chains than any seen in
-training. Prints a table (accuracy by hop count x num_steps, with the compute each costs), writes a plot and a JSON,
-and shows a few problems answered at low and high depth.
+Fresh variable-chain problems are answered with greedy `generate` at increasing recurrence depth, to show how
+accuracy changes with num_steps, with no extra parameters and no chain-of-thought tokens, on the trained chain lengths
+(hops 0-6) and on longer ones (7-10, the harder split). Prints a table (accuracy by hop count x num_steps, with the
+compute each costs), writes a plot and a JSON, and shows a few problems answered at low and high depth.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: the shipped chain model)")
     parser.add_argument("--steps", default=DEFAULT_STEPS, help="comma-separated num_steps to evaluate")
     parser.add_argument("--n", type=int, default=120, help="problems per split (in-distribution and harder)")
-    parser.add_argument("--seed", type=int, default=2026, help="seed of the fresh problems")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--seed", type=int, default=2026, help="seed of the fresh problems and of the random initial states"
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="problems per generate call (left-padded)")
     parser.add_argument("--out", default="demo-out", help="output directory (created if missing)")
 
 
@@ -85,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from .flops import flops_per_token
 
     steps = parse_steps(args.steps)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    for name, value in (("--n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     tokenizer, model = load(args.model)
     torch.manual_seed(args.seed)
     splits = {name: sample_problems(name, args.n, seed=args.seed) for name in ("in-distribution", "harder")}
@@ -125,7 +128,7 @@ def print_table(results: dict, steps: list[int], compute: dict, config) -> None:
     hops = sorted({h for by_r in results.values() for v in by_r.values() for h in v["by_hops"]})
     header = f"{'num_steps':>9} {'depth':>5} {'MFLOP/tok':>9} | " + " ".join(f"h{h:<4}" for h in hops)
     header += " | in-dist  harder"
-    print("\nAccuracy of the first generated character, by hop count (h0-h6 trained, h7-h10 never seen)")
+    print("\nAccuracy of the first generated character by hop count (in-distribution split h0-h6, harder h7-h10)")
     print(header)
     print("-" * len(header))
     for r in steps:

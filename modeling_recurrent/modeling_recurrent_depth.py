@@ -310,7 +310,6 @@ class RecurrentDepthOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: RecurrentCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     latent_states: torch.Tensor | None = None
     num_steps: tuple[int, int] | None = None
     steps_used: torch.Tensor | None = None
@@ -716,6 +715,8 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         See RecurrentDepthForCausalLM.forward for the arguments; `head` is the output layer that logit-based exit
         criteria read through.
         """
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported: attention weights are not kept (fused kernels)")
         cache = self.resolve_cache(_one_cache(past_key_values, kwargs.pop("cache", None)), use_cache)
         init_scale = self.config.init_scale if init_scale is None else init_scale
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 <= init_scale < math.inf:

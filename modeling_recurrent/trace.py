@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .generation_recurrent_depth import EXIT_CRITERIA, KL, Cosine, LatentDiff, MinPKL
 
-CLASSES = ("converging", "orbiting", "sliding")
 # Classifier defaults (see `classify`).
 RESTING_CHANGE = 1e-3  # late relative change per recorded step below which a token is at rest
 CONTRACTION = 0.5  # late step sizes shrinking below this factor across the late window: still converging
@@ -313,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: the shipped chain model)")
     parser.add_argument("--prompt", required=True, help="the text whose recurrence is traced")
-    parser.add_argument("--num-steps", type=int, default=64, help="recurrence steps (>= 2)")
+    parser.add_argument("--num-steps", type=int, default=64, help="recurrence steps (more than --every)")
     parser.add_argument("--out", default="trace-out", help="output directory (created if missing)")
     parser.add_argument(
         "--tokens",
@@ -347,10 +346,10 @@ def run(args: argparse.Namespace) -> int:
     from .demo import load
     from .trace_plots import plot_convergence, plot_exit_histogram, plot_pca
 
-    if args.num_steps < 2:
-        raise ValueError(f"--num-steps must be >= 2, got {args.num_steps}")
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
+    if args.num_steps <= max(args.every, 1):  # the classifier needs three recorded states: 0, every, ..., num_steps
+        raise ValueError(f"--num-steps must be more than --every ({args.every}) and >= 2, got {args.num_steps}")
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such model folder")
     tokenizer, model = load(args.model)

@@ -125,7 +125,7 @@ def build_model(args: TrainArgs):
         config = AutoConfig.from_pretrained(_config_path(args.config), **args.config_overrides)
         model = AutoModelForCausalLM.from_config(config)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 

@@ -180,3 +180,10 @@ def test_compiled_static_generate_equals_dynamic():
             batch, attention_mask=mask, cache_implementation="static", compile_config=compile_config, **kwargs
         )
         assert_same_generation(dynamic, static)
+
+
+@pytest.mark.parametrize("option", ["--chain-problems", "--threads", "--repeats"])
+def test_bad_counts_fail_before_any_measurement(tmp_path, capsys, option):
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", option, "0", "--out", str(tmp_path / "b.json")])
+    assert f"{option} must be >= 1" in capsys.readouterr().err

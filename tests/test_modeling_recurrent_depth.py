@@ -107,7 +107,7 @@ def test_gradient_checkpointing_matches():
     for checkpointing in (False, True):
         model.zero_grad()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model(x, labels=x, num_steps=(1, 3), init_scale=0.0).loss.backward()
         grads.append(model.transformer.core_block[1].mlp.fc.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -235,6 +235,8 @@ def test_bad_inputs(model):
         model(ids(), input_states=torch.zeros(2, 3, 32))
     with pytest.raises(ValueError, match="exactly one"):
         model()
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids(), output_attentions=True)
 
 
 def test_model_is_a_causal_lm(model):

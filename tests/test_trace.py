@@ -185,7 +185,8 @@ def test_trace_command_default_tokens(chain_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--num-steps", "1"], "--num-steps must be >= 2"),
+        (["--num-steps", "1"], "--num-steps must be more than --every (1) and >= 2"),
+        (["--num-steps", "4", "--every", "4"], "--num-steps must be more than --every (4)"),
         (["--tokens", "0,40"], "out of range"),
         (["--tokens", "x"], "comma-separated integers"),
     ],

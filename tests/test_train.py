@@ -150,7 +150,12 @@ def test_mean_recurrence_sets_the_training_depth_and_min_lr_ratio_the_final_rate
 
     means = []
     original = train_module.sample_num_steps
-    monkeypatch.setattr(train_module, "sample_num_steps", lambda mean, *rest: means.append(mean) or original(mean, *rest))
+
+    def recording(mean, *rest):
+        means.append(mean)
+        return original(mean, *rest)
+
+    monkeypatch.setattr(train_module, "sample_num_steps", recording)
     trainer = Trainer(TrainArgs(out=str(tmp_path), config="tiny", steps=3, batch_size=2, warmup=0, lr=1e-3,
                                 min_lr_ratio=0.25, mean_recurrence=2, eval_every=100, save_every=100,
                                 config_overrides={"vocab_size": 44, "hidden_size": 32, "mean_backprop_depth": 1}))

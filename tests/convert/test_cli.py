@@ -79,3 +79,10 @@ def test_upload_dry_run(tmp_path):
     )
     args.func(args)
     assert (tmp_path / "x" / "README.md").is_file() and (tmp_path / "x" / "modeling_recurrent_depth.py").is_file()
+
+
+def test_bad_shard_size_fails_before_reading_the_source(tmp_path):
+    args = parser().parse_args(["convert", "huginn", str(tmp_path / "missing"), str(tmp_path / "out"),
+                                "--max-shard-size", "0.5GB"])
+    with pytest.raises(ValueError, match="--max-shard-size"):
+        args.func(args)

@@ -83,3 +83,19 @@ def test_peak_memory_is_about_one_tensor(tmp_path):
     grown = (peak[0] - base) / mb
     assert 0 < grown < 90, f"resident memory grew by {grown:.0f} MB while converting 240 MB"
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize(("size", "expected"), [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500MB", 5 * 10**8),
+                                                ("1000", 1000), (1000, 1000)])
+def test_shard_sizes_parse(size, expected):
+    from modeling_recurrent.convert.shards import parse_shard_size
+
+    assert parse_shard_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["0GB", "0.5GB", "big", "", 0, -5, True])
+def test_bad_shard_sizes_are_rejected(size):
+    from modeling_recurrent.convert.shards import parse_shard_size
+
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_shard_size(size)

@@ -1,0 +1,54 @@
+"""`recurrent-depth demo` on the shipped chain model: end to end with a small --n, batching, and bad input."""
+
+import json
+
+import pytest
+
+from modeling_recurrent.chain_task import sample_problems
+from modeling_recurrent.cli import main
+from modeling_recurrent.demo import DEFAULT_MODEL, answer, load
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "new" / "demo"
+    assert main(["demo", "--n", "6", "--steps", "1,4", "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "in-dist" in printed and "MFLOP/tok" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"in-distribution", "harder"}
+    assert set(results["results"]["harder"]) == {"1", "4"}
+    assert all(0 <= v["accuracy"] <= 1 for split in results["results"].values() for v in split.values())
+    assert results["flops_per_token"]["1"] < results["flops_per_token"]["4"]
+    assert (out / "accuracy_vs_steps.png").stat().st_size > 1000
+
+
+def test_left_padded_batches_answer_as_single_prompts():
+    tokenizer, model = load(str(DEFAULT_MODEL))
+    model.config.init_scale = 0.0  # deterministic initial state, so only padding could change an answer
+    prompts = [p.prompt for p in sample_problems("in-distribution", 8, seed=5)]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    assert answer(model, tokenizer, prompts, 4, batch_size=8) == answer(model, tokenizer, prompts, 4, batch_size=1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0,4"], "--steps must be positive"),
+        (["--steps", "x"], "--steps must be comma-separated integers"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_named(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as error:
+        main(["demo", "--out", str(tmp_path / "o"), *argv])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_folder_without_tokenizer(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((DEFAULT_MODEL / "config.json").read_text())
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    assert "no tokenizer files" in capsys.readouterr().err
