@@ -253,6 +253,28 @@ def test_adaptive_exit_batch_reports_steps_and_saves_compute():
     assert out.sequences.shape == (3, 11)
 
 
+def test_kl_exit_on_easy_problems_uses_few_steps_of_the_shipped_model():
+    from modeling_recurrent.demo import DEFAULT_MODEL, load
+
+    tokenizer, model = load(str(DEFAULT_MODEL))
+    enc = tokenizer(["a=3;?a=", "q=b+3;b=5;?b=", "d=0;g=d-8;?d="], return_tensors="pt", padding=True)
+    out = model.generate(**enc, num_steps=32, init_scale=0.0, max_new_tokens=2, do_sample=False, exit_criterion="kl",
+                         return_dict_in_generate=True)  # fmt: skip
+    assert tokenizer.batch_decode(out.sequences[:, -2:]) == ["3<|endoftext|>", "5<|endoftext|>", "0<|endoftext|>"]
+    assert out.num_steps_used.shape == (3, 2) and (out.num_steps_used < 32).all()
+
+
+def test_warm_start_starts_from_the_previous_final_latent(model):
+    x = prompt()
+    warm = model.generate(x, num_steps=2, init_scale=0.0, max_new_tokens=2, do_sample=False, warm_start=True,
+                          return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    with torch.no_grad():
+        first = model(x, num_steps=2, init_scale=0.0, use_cache=True)
+        token = warm.sequences[:, x.shape[1] : x.shape[1] + 1]
+        second = model(token, cache=first.cache, num_steps=2, input_states=first.latent_states[:, -1:])
+    assert torch.allclose(warm.logits[1], second.logits[:, -1], atol=1e-5)
+
+
 @pytest.mark.parametrize("criterion", ["kl", "minp-kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability"])
 def test_every_exit_criterion_runs(model, criterion):
     out = model.generate(
