@@ -73,6 +73,17 @@ def test_text_data_with_loss_on_every_token(tmp_path):
     assert len(losses(tmp_path / "run")) == 3
 
 
+def test_text_batches_supervise_every_token_of_distinct_blocks():
+    from modeling_recurrent.train import text_batch
+
+    blocks = torch.arange(40).view(5, 8)
+    batch = text_batch(blocks, 3, seed=0, step=1)
+    assert torch.equal(batch["labels"], batch["input_ids"]) and batch["attention_mask"].all()
+    rows = {tuple(row.tolist()) for row in batch["input_ids"]}
+    assert len(rows) == 3 and rows <= {tuple(row.tolist()) for row in blocks}
+    assert torch.equal(text_batch(blocks, 3, seed=0, step=1)["input_ids"], batch["input_ids"])
+
+
 def torchrun(out, steps: int, *extra: str, port: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
