@@ -69,6 +69,7 @@ class TrainArgs:
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
+    chain_frontier_weight: float = 1.0  # curriculum: weight of the most hops relative to each easier hop count
     mean_recurrence: int | None = None  # training depth mean (default: the config's)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,9 @@ class TrainArgs:
             raise ValueError(f"--grad-clip must be > 0, got {self.grad_clip!r}")
         if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if isinstance(self.chain_frontier_weight, bool) or not isinstance(self.chain_frontier_weight, (int, float)) \
+                or not self.chain_frontier_weight > 0:
+            raise ValueError(f"--chain-frontier-weight must be > 0, got {self.chain_frontier_weight!r}")
         for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands"):
             check_probability(_option(name), getattr(self, name))
         if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
@@ -319,7 +323,12 @@ class Trainer:
             args = self.args
             self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
                                        n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands)
-        self._chain.hops = self._hop_range()
+        low, high = self._hop_range()
+        if self.args.chain_frontier_weight == 1:
+            self._chain.hops, self._chain.hop_weights = (low, high), None
+        else:  # the newest hop count drawn `chain_frontier_weight` times as often as each easier one
+            self._chain.hops = None
+            self._chain.hop_weights = [0.0] * low + [1.0] * (high - low) + [self.args.chain_frontier_weight]
         return self._chain.batch(self.step)
 
     def local_batch(self) -> dict[str, torch.Tensor]:
@@ -493,6 +502,8 @@ _HELP = {
     "weight_decay": "AdamW weight decay on matrices (not on norms, biases or the embedding)",
     "grad_clip": "clip the global gradient norm to this value",
     "chain_advance_at": "curriculum: accuracy on the current most hops (best over --eval-steps) that adds a hop",
+    "chain_frontier_weight": "curriculum: the most hops so far are drawn this many times as often as each easier hop "
+    "count (1: uniform)",
     "chain_literal_operands": "chance that a training statement `g=d-8` is written with the operand's value, `g=0-8` "
     "(teaches a hop's arithmetic apart from its indirection; evaluation always uses the spec's format)",
     "text_field": "text data: the .jsonl field holding the text",
@@ -517,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, or the chain tokenizer)")
     types = {"lr": float, "min_lr_ratio": float, "weight_decay": float, "grad_clip": float, "chain_advance_at": float,
-             "chain_literal_operands": float, "text_field": str}
+             "chain_frontier_weight": float, "chain_literal_operands": float, "text_field": str}
     for name, help_text in _HELP.items():
         parser.add_argument(_option(name), type=types.get(name, int), default=getattr(defaults, name), help=help_text)
     parser.add_argument(

@@ -185,3 +185,21 @@ def test_history_table_lists_each_evaluation_with_the_loss_before_it():
     assert lines[0] == "| step | hops | loss | acc@1 |"
     assert lines[2] == "| 4 | 1 | 3.500 | 0.50 (0:0.75 1:0.25) |"
     assert len(lines) == 3
+
+
+def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
+    from modeling_recurrent.chain_task import ChainBatches
+
+    def trainer(weight):
+        t = Trainer(TrainArgs(out=str(tmp_path / str(weight)), config="tiny", batch_size=4,
+                              chain_frontier_weight=weight, config_overrides={"vocab_size": 44, "hidden_size": 32}))
+        t.curriculum_hops = 2
+        return t
+
+    uniform, weighted = trainer(1), trainer(3.0)
+    expected = ChainBatches(uniform.tokenizer, 0, 4, (0, 2), n_queries=4, n_repeats=2).batch(0)
+    assert all(torch.equal(uniform.global_batch()[k], expected[k]) for k in expected)  # 1: the uniform stream
+    weighted.global_batch()
+    assert weighted._chain.hop_weights == [1.0, 1.0, 3.0]
+    with pytest.raises(ValueError, match="--chain-frontier-weight"):
+        TrainArgs(out="x", chain_frontier_weight=0)
