@@ -122,7 +122,8 @@ def render_model_card(
 ) -> ModelCard:
     """Render the card of a model folder's config.json for `repo_id`."""
     our_config = RecurrentDepthConfig.from_dict(dict(config))
-    results = lm_eval_to_eval_results(eval_results) if eval_results is not None else []
+    data = load_lm_eval(eval_results) if eval_results is not None else None  # read once, used twice
+    results = lm_eval_to_eval_results(data) if data is not None else []
     model_name = repo_id.rsplit("/", 1)[-1]
     card_data = ModelCardData(
         model_name=model_name,
@@ -150,5 +151,5 @@ def render_model_card(
         vocab_size=our_config.vocab_size,
         max_position_embeddings=our_config.max_position_embeddings,
         eval_rows=rows,
-        eval_num_steps=eval_num_steps(load_lm_eval(eval_results)) if eval_results is not None else None,
+        eval_num_steps=eval_num_steps(data) if data is not None else None,
     )

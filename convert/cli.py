@@ -49,13 +49,13 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _output_kwargs(args: argparse.Namespace) -> dict:
-    try:  # checked before any tensor is read
-        parse_shard_size(args.max_shard_size)
+    try:  # parsed before any tensor is read
+        max_shard_size = parse_shard_size(args.max_shard_size)
     except ValueError as error:
         raise ValueError(f"--max-shard-size: {error}") from None
     return dict(
         dtype=DTYPES[args.dtype],
-        max_shard_size=args.max_shard_size,
+        max_shard_size=max_shard_size,
         overwrite=args.overwrite,
         progress=args.progress,
     )

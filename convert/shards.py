@@ -56,7 +56,7 @@ def shard_names(count: int) -> list[str]:
 def parse_shard_size(size: int | str) -> int:
     """Bytes of a shard size such as 5GB, 500MB, 2GiB or a plain byte count; ValueError unless positive."""
     try:
-        value = int(size) if isinstance(size, int) or str(size).isdigit() else convert_file_size_to_int(size)
+        value = int(size) if str(size).isdigit() else convert_file_size_to_int(size)
     except (ValueError, TypeError, AttributeError):
         value = 0
     if isinstance(size, bool) or value <= 0:

@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> (module, one-line help, example); each module has add_arguments(parser) and run(args), or builds
 # its own subparser with add_<name>_parser(subparsers).
-COMMANDS: dict[str, tuple[str, str, str]] = {
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "demo": (
         "modeling_recurrent.demo",
         "test-time scaling on the shipped chain model: accuracy by hops x num_steps, with a plot",

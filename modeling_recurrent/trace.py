@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
-    if args.num_steps <= max(args.every, 1):  # the classifier needs three recorded states: 0, every, ..., num_steps
+    if args.num_steps <= args.every:  # the classifier needs three recorded states: 0, every, ..., num_steps
         raise ValueError(f"--num-steps must be more than --every ({args.every}) and >= 2, got {args.num_steps}")
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such model folder")

@@ -73,27 +73,25 @@ class TrainArgs:
     mean_recurrence: int | None = None  # training depth mean (default: the config's)
 
     def __post_init__(self) -> None:
-        least = {"steps": 1, "batch_size": 1, "seq_len": 1, "eval_every": 1, "eval_samples": 1, "save_every": 1,
-                 "chain_queries": 1, "warmup": 0, "seed": 0, "lora_rank": 0, "chain_repeats": 0, "chain_start_hops": 0}
-        for name, low in least.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{_option(name)} must be an integer >= {low}, got {value!r}")
-        if self.mean_recurrence is not None and (not isinstance(self.mean_recurrence, int) or self.mean_recurrence < 1):
-            raise ValueError(f"--mean-recurrence must be an integer >= 1, got {self.mean_recurrence!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0:
-            raise ValueError(f"--grad-clip must be > 0, got {self.grad_clip!r}")
-        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
-        if isinstance(self.chain_frontier_weight, bool) or not isinstance(self.chain_frontier_weight, (int, float)) \
-                or not self.chain_frontier_weight > 0:
-            raise ValueError(f"--chain-frontier-weight must be > 0, got {self.chain_frontier_weight!r}")
+        counts = {"steps": 1, "batch_size": 1, "seq_len": 1, "eval_every": 1, "eval_samples": 1, "save_every": 1,
+                  "chain_queries": 1, "warmup": 0, "seed": 0, "lora_rank": 0, "chain_repeats": 0, "chain_start_hops": 0}
+        if self.mean_recurrence is not None:
+            counts["mean_recurrence"] = 1
+        for name, low in counts.items():
+            _require(name, getattr(self, name), int, lambda v, low=low: v >= low, f"an integer >= {low}")
+        for name in ("lr", "grad_clip", "chain_frontier_weight"):
+            _require(name, getattr(self, name), (int, float), lambda v: v > 0, "a number > 0")
+        _require("weight_decay", self.weight_decay, (int, float), lambda v: v >= 0, "a number >= 0")
         for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands"):
             check_probability(_option(name), getattr(self, name))
         if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
             raise ValueError(f"--eval-steps must be positive integers, got {self.eval_steps!r}")
+
+
+def _require(name: str, value: object, kinds, ok, wanted: str) -> None:
+    """ValueError naming the option of field `name` unless `value` is a `kinds` (never a bool) for which `ok` holds."""
+    if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+        raise ValueError(f"{_option(name)} must be {wanted}, got {value!r}")
 
 
 def _option(name: str) -> str:
@@ -323,22 +321,20 @@ class Trainer:
             args = self.args
             self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
                                        n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands)
-        low, high = self._hop_range()
-        if self.args.chain_frontier_weight == 1:
-            self._chain.hops, self._chain.hop_weights = (low, high), None
+        most = self._max_hops()
+        if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
+            self._chain.hops, self._chain.hop_weights = (0, most), None
         else:  # the newest hop count drawn `chain_frontier_weight` times as often as each easier one
-            self._chain.hops = None
-            self._chain.hop_weights = [0.0] * low + [1.0] * (high - low) + [self.args.chain_frontier_weight]
+            self._chain.hops, self._chain.hop_weights = None, [1.0] * most + [self.args.chain_frontier_weight]
         return self._chain.batch(self.step)
 
     def local_batch(self) -> dict[str, torch.Tensor]:
         """This rank's rows of the global batch."""
         return {k: v[self.rank :: self.world] for k, v in self.global_batch().items()}
 
-    def _hop_range(self) -> tuple[int, int]:
-        if not self.args.chain_curriculum:
-            return 0, 6
-        return 0, min(self.curriculum_hops, 6)
+    def _max_hops(self) -> int:
+        """Most hops of the chain problems trained and evaluated on now (0 up to it)."""
+        return min(self.curriculum_hops, 6) if self.args.chain_curriculum else 6
 
     def _initial_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's rows of the global batch's random initial states, drawn from a generator seeded by the step,
@@ -390,7 +386,7 @@ class Trainer:
                     self.args.eval_samples,
                     seed=10_000 + self.step,
                     num_steps=r,
-                    max_hops=self._hop_range()[1],
+                    max_hops=self._max_hops(),
                 )
                 for r in self.args.eval_steps
             }
@@ -527,10 +523,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set hidden_size=256 (repeatable)",
     )
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, or the chain tokenizer)")
-    types = {"lr": float, "min_lr_ratio": float, "weight_decay": float, "grad_clip": float, "chain_advance_at": float,
-             "chain_frontier_weight": float, "chain_literal_operands": float, "text_field": str}
     for name, help_text in _HELP.items():
-        parser.add_argument(_option(name), type=types.get(name, int), default=getattr(defaults, name), help=help_text)
+        default = getattr(defaults, name)  # its type is the option's (None: an optional count)
+        parser.add_argument(_option(name), type=int if default is None else type(default), default=default,
+                            help=help_text)
     parser.add_argument(
         "--eval-steps",
         default=",".join(map(str, defaults.eval_steps)),
