@@ -159,6 +159,27 @@ def substitute_operands(problem: Problem, rng: random.Random, probability: float
     )
 
 
+def resolved_statement_targets(statements: Sequence[str]) -> list[tuple[int, str]]:
+    """`(index, digit)` for each statement of `";".join(statements)` whose value follows from the statements before
+    it (a literal, a substituted operand, or an operand resolved earlier): the digit is that statement's value, the
+    label at the character after its `;`, so the model predicts it at the `;`.
+
+    A causal model can resolve only these (the others need a later statement); supervising them teaches each
+    position to hold its variable's value, one hop further per step of computation."""
+    known: dict[str, int] = {}
+    targets, end = [], -1
+    for statement in statements:
+        end += 1 + len(statement)  # index of the `;` after this statement
+        name, rule = statement[0], statement[2:]
+        operand = int(rule[0]) if rule[0].isdigit() else known.get(rule[0])
+        if operand is None:
+            continue
+        value = operand if len(rule) == 1 else (operand + int(rule[2:]) * (1 if rule[1] == "+" else -1)) % MODULUS
+        known[name] = value
+        targets.append((end + 1, str(value)))
+    return targets
+
+
 def training_example(
     problem: Problem, rng: random.Random, n_queries: int, n_repeats: int = 0, literal_operands: float = 0.0
 ) -> tuple[str, list[int]]:
@@ -225,9 +246,14 @@ class _Encoder:
         self.table = str.maketrans({char: chr(i) for char, i in ids.items()})
 
     def __call__(
-        self, texts: Sequence[str], positions: Sequence[Sequence[int]], eos: bool = True
+        self,
+        texts: Sequence[str],
+        positions: Sequence[Sequence[int]],
+        eos: bool = True,
+        targets: Sequence[Sequence[tuple[int, str]]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Right-padded ids; labels are the ids at `positions` (and at the appended eos), IGNORE_INDEX elsewhere."""
+        """Right-padded ids; labels are the ids at `positions` (and at the appended eos), the given character at each
+        `(index, char)` of `targets`, IGNORE_INDEX elsewhere."""
         width = max(map(len, texts)) + eos
         buffer = bytearray([self.pad_id]) * (len(texts) * width)
         lengths, rows, cols = [], [], []
@@ -241,6 +267,9 @@ class _Encoder:
         attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[rows, cols] = input_ids[rows, cols]
+        for row, pairs in enumerate(targets or ()):
+            for col, char in pairs:
+                labels[row, col] = ord(char.translate(self.table))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -266,21 +295,25 @@ def training_batch(
     *,
     n_repeats: int = 0,
     literal_operands: float = 0.0,
+    statement_values: bool = False,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch of in-distribution-style problems; hops uniform over the inclusive range `hops` (default 0-6), or
-    drawn with `hop_weights[h]` the weight of `h` hops (a curriculum)."""
+    drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
+    of every statement resolvable from the ones before it (`resolved_statement_targets`)."""
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
     spec = SPLITS["in-distribution"]
-    texts, positions = [], []
+    texts, positions, targets = [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
         text, answers = training_example(problem, rng, n_queries, n_repeats, literal_operands)
         texts.append(text)
         positions.append(answers)
-    return (encoder or _Encoder(tokenizer))(texts, positions)
+        if statement_values:  # the text opens with the (possibly substituted) statements
+            targets.append(resolved_statement_targets(text.split(SEPARATOR)[: len(problem.statements)]))
+    return (encoder or _Encoder(tokenizer))(texts, positions, targets=targets or None)
 
 
 class ChainBatches:
@@ -301,11 +334,13 @@ class ChainBatches:
         n_queries: int = 4,
         n_repeats: int = 0,
         literal_operands: float = 0.0,
+        statement_values: bool = False,
         start: int = 0,
     ) -> None:
         self.encoder = _Encoder(tokenizer)
         self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
         self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
+        self.statement_values = statement_values
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -319,6 +354,7 @@ class ChainBatches:
             self.n_queries,
             n_repeats=self.n_repeats,
             literal_operands=self.literal_operands,
+            statement_values=self.statement_values,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

@@ -66,6 +66,7 @@ class TrainArgs:
     chain_queries: int = 4
     chain_repeats: int = 2
     chain_literal_operands: float = 0.0
+    chain_statement_values: bool = False
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
@@ -320,7 +321,8 @@ class Trainer:
         if self._chain is None:
             args = self.args
             self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
-                                       n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands)
+                                       n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands,
+                                       statement_values=args.chain_statement_values)
         most = self._max_hops()
         if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
             self._chain.hops, self._chain.hop_weights = (0, most), None
@@ -535,6 +537,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each recurrence step")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
+    parser.add_argument("--chain-statement-values", action="store_true",
+                        help="chain data: also supervise, at each statement's ';', the value of every statement "
+                        "that follows from the ones before it (dense intermediate values; prompts are unchanged)")
     parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false",
                         help="chain data: train on hops 0-6 from the start instead of adding hops one at a time")
 

@@ -16,6 +16,7 @@ from modeling_recurrent.chain_task import (
     build_tokenizer,
     evaluate_first_token,
     generate_problem,
+    resolved_statement_targets,
     sample_problems,
     substitute_operands,
     training_batch,
@@ -289,3 +290,34 @@ def test_literal_operands_keep_every_value():
     with pytest.raises(ValueError, match="probability"):
         substitute_operands(sample_problems("harder", 1, seed=0)[0], random.Random(0), 1.5)
 
+
+
+def test_statement_values_supervise_what_the_text_so_far_determines():
+    tok, rng, resolved = build_tokenizer(), random.Random(1), 0
+    for problem in sample_problems("in-distribution", 100, seed=4):
+        for statements in (problem.statements, substitute_operands(problem, rng, 0.5)):
+            text, defined, expected = ";".join(statements) + ";?", set(), []
+            for statement in statements:  # resolvable: a literal operand or one defined further left
+                if statement[2].isdigit() or statement[2] in defined:
+                    defined.add(statement[0])
+                    expected.append((text.index(statement) + len(statement) + 1, str(problem.values[statement[0]])))
+            assert resolved_statement_targets(statements) == expected
+            assert all(text[i - 1] == ";" for i, _ in expected)
+            resolved += len(expected) < len(statements)
+    assert resolved > 20  # some statements need a later one and stay unsupervised
+
+    plain = training_batch(tok, random.Random(3), 8, (2, 4), 3, n_repeats=2)
+    rich = training_batch(tok, random.Random(3), 8, (2, 4), 3, n_repeats=2, statement_values=True)
+    assert torch.equal(plain["input_ids"], rich["input_ids"])  # the same text: only labels are added
+    kept = plain["labels"] != -100
+    assert torch.equal(rich["labels"][kept], plain["labels"][kept])
+    for row in range(8):
+        text = row_text(tok, rich["input_ids"][row], rich["attention_mask"][row])
+        statements = []
+        for part in text.split(";"):  # the problem's statements end where a query or a repeated variable begins
+            if part.startswith("?") or part[0] in {s[0] for s in statements}:
+                break
+            statements.append(part)
+        added = [(i, tok.convert_ids_to_tokens(int(rich["labels"][row, i])))
+                 for i in (rich["labels"][row] != -100).logical_and(~kept[row]).nonzero().flatten().tolist()]
+        assert added == resolved_statement_targets(statements)

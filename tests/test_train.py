@@ -1,5 +1,6 @@
 """Variable-depth training: the loss falls, runs resume and data-parallel runs follow the same curve."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_recurrent.cli import main
-from modeling_recurrent.train import TrainArgs, Trainer
+from modeling_recurrent.train import TrainArgs, Trainer, add_arguments, args_from_namespace
 
 TINY = ["--config", "tiny", "--set", "vocab_size=44", "--set", "hidden_size=32", "--set", "mean_recurrence=3",
         "--set", "mean_backprop_depth=2"]
@@ -203,3 +204,15 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
     assert weighted._chain.hop_weights == [1.0, 1.0, 3.0]
     with pytest.raises(ValueError, match="--chain-frontier-weight"):
         TrainArgs(out="x", chain_frontier_weight=0)
+
+
+def test_statement_values_option_reaches_the_data(tmp_path):
+    from modeling_recurrent.chain_task import ChainBatches
+
+    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
+            "--chain-statement-values"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, statement_values=True).batch(0)
+    assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
