@@ -159,24 +159,21 @@ def substitute_operands(problem: Problem, rng: random.Random, probability: float
     )
 
 
-def resolved_statement_targets(statements: Sequence[str]) -> list[tuple[int, str]]:
+def resolved_statement_targets(statements: Sequence[str], values: dict[str, int]) -> list[tuple[int, str]]:
     """`(index, digit)` for each statement of `";".join(statements)` whose value follows from the statements before
-    it (a literal, a substituted operand, or an operand resolved earlier): the digit is that statement's value, the
-    label at the character after its `;`, so the model predicts it at the `;`.
+    it (a literal, a substituted operand, or an operand resolved earlier): the digit is that statement's value (from
+    the problem's `values`), the label at the character after its `;`, so the model predicts it at the `;`.
 
     A causal model can resolve only these (the others need a later statement); supervising them teaches each
-    position to hold its variable's value, one hop further per step of computation."""
-    known: dict[str, int] = {}
+    position to hold its variable's value."""
+    resolved: set[str] = set()
     targets, end = [], -1
     for statement in statements:
         end += 1 + len(statement)  # index of the `;` after this statement
-        name, rule = statement[0], statement[2:]
-        operand = int(rule[0]) if rule[0].isdigit() else known.get(rule[0])
-        if operand is None:
-            continue
-        value = operand if len(rule) == 1 else (operand + int(rule[2:]) * (1 if rule[1] == "+" else -1)) % MODULUS
-        known[name] = value
-        targets.append((end + 1, str(value)))
+        operand = statement[2]
+        if operand.isdigit() or operand in resolved:
+            resolved.add(statement[0])
+            targets.append((end + 1, str(values[statement[0]])))
     return targets
 
 
@@ -243,6 +240,7 @@ class _Encoder:
             raise ValueError("the tokenizer needs a pad token, an eos token and one token per task character")
         if max(*ids.values(), self.pad_id, self.eos_id) >= BYTE_IDS:
             raise ValueError(f"the task's token ids must be < {BYTE_IDS}")
+        self.ids = ids
         self.table = str.maketrans({char: chr(i) for char, i in ids.items()})
 
     def __call__(
@@ -267,9 +265,10 @@ class _Encoder:
         attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[rows, cols] = input_ids[rows, cols]
-        for row, pairs in enumerate(targets or ()):
-            for col, char in pairs:
-                labels[row, col] = ord(char.translate(self.table))
+        cells = [(row, col, self.ids[char]) for row, pairs in enumerate(targets or ()) for col, char in pairs]
+        if cells:  # one indexed write for the whole batch
+            target_rows, target_cols, ids = zip(*cells, strict=True)
+            labels[list(target_rows), list(target_cols)] = torch.tensor(ids)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -312,7 +311,8 @@ def training_batch(
         texts.append(text)
         positions.append(answers)
         if statement_values:  # the text opens with the (possibly substituted) statements
-            targets.append(resolved_statement_targets(text.split(SEPARATOR)[: len(problem.statements)]))
+            statements = text.split(SEPARATOR)[: len(problem.statements)]
+            targets.append(resolved_statement_targets(statements, problem.values))
     return (encoder or _Encoder(tokenizer))(texts, positions, targets=targets or None)
 
 

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
-from .chain_task import ChainBatches, build_tokenizer, check_probability, evaluate_first_token
+from .chain_task import SPLITS, ChainBatches, build_tokenizer, check_probability, evaluate_first_token
 from .modeling_recurrent_depth import sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
@@ -336,7 +336,8 @@ class Trainer:
 
     def _max_hops(self) -> int:
         """Most hops of the chain problems trained and evaluated on now (0 up to it)."""
-        return min(self.curriculum_hops, 6) if self.args.chain_curriculum else 6
+        high = SPLITS["in-distribution"].hops[1]  # the spec's training range ends there
+        return min(self.curriculum_hops, high) if self.args.chain_curriculum else high
 
     def _initial_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's rows of the global batch's random initial states, drawn from a generator seeded by the step,

@@ -301,7 +301,7 @@ def test_statement_values_supervise_what_the_text_so_far_determines():
                 if statement[2].isdigit() or statement[2] in defined:
                     defined.add(statement[0])
                     expected.append((text.index(statement) + len(statement) + 1, str(problem.values[statement[0]])))
-            assert resolved_statement_targets(statements) == expected
+            assert resolved_statement_targets(statements, problem.values) == expected
             assert all(text[i - 1] == ";" for i, _ in expected)
             resolved += len(expected) < len(statements)
     assert resolved > 20  # some statements need a later one and stay unsupervised
@@ -318,6 +318,8 @@ def test_statement_values_supervise_what_the_text_so_far_determines():
             if part.startswith("?") or part[0] in {s[0] for s in statements}:
                 break
             statements.append(part)
+        rules = parse(statements, LITERAL_STATEMENT)
+        values = {name: resolve(rules, name)[0] for name in rules}
         added = [(i, tok.convert_ids_to_tokens(int(rich["labels"][row, i])))
                  for i in (rich["labels"][row] != -100).logical_and(~kept[row]).nonzero().flatten().tolist()]
-        assert added == resolved_statement_targets(statements)
+        assert added == resolved_statement_targets(statements, values)
