@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -159,6 +159,35 @@ def substitute_operands(problem: Problem, rng: random.Random, probability: float
     )
 
 
+def backward_order(problem: Problem, rng: random.Random, probability: float) -> Problem:
+    """With `probability`, the problem with each chain's statements moved, within the places that chain occupies, into
+    backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); else `problem` itself.
+
+    In that order no statement's value follows from the ones before it, so only the answering position can resolve a
+    chain, one look-up per hop: the iterative skill that longer chains and deeper recurrence need."""
+    if check_probability("probability", probability) == 0 or rng.random() >= probability:
+        return problem  # probability 0 draws nothing: data streams without the option stay as they were
+    operand = {s[0]: s[2] for s in problem.statements}
+
+    def root_and_depth(name: str) -> tuple[str, int]:
+        depth = 0
+        while not operand[name].isdigit():
+            name, depth = operand[name], depth + 1
+        return name, depth
+
+    chains: dict[str, list[tuple[int, int]]] = {}  # root -> (depth, place) of each of its statements
+    for place, statement in enumerate(problem.statements):
+        root, depth = root_and_depth(statement[0])
+        chains.setdefault(root, []).append((depth, place))
+    statements = list(problem.statements)
+    for members in chains.values():
+        deepest_first = sorted(members, reverse=True)
+        for place, (_, source) in zip(sorted(p for _, p in members), deepest_first, strict=True):
+            statements[place] = problem.statements[source]
+    prompt = f"{SEPARATOR.join(statements)}{SEPARATOR}?{problem.target}="
+    return replace(problem, prompt=prompt, statements=tuple(statements))
+
+
 def resolved_statement_targets(statements: Sequence[str], values: dict[str, int]) -> list[tuple[int, str]]:
     """`(index, digit)` for each statement of `";".join(statements)` whose value follows from the statements before
     it (a literal, a substituted operand, or an operand resolved earlier): the digit is that statement's value (from
@@ -295,18 +324,21 @@ def training_batch(
     n_repeats: int = 0,
     literal_operands: float = 0.0,
     statement_values: bool = False,
+    backward: float = 0.0,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch of in-distribution-style problems; hops uniform over the inclusive range `hops` (default 0-6), or
     drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
-    of every statement resolvable from the ones before it (`resolved_statement_targets`)."""
+    of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance that
+a problem's chains are written in backward order (`backward_order`)."""
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
     spec = SPLITS["in-distribution"]
     texts, positions, targets = [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
+        problem = backward_order(problem, rng, backward)
         text, answers = training_example(problem, rng, n_queries, n_repeats, literal_operands)
         texts.append(text)
         positions.append(answers)
@@ -335,12 +367,13 @@ class ChainBatches:
         n_repeats: int = 0,
         literal_operands: float = 0.0,
         statement_values: bool = False,
+        backward: float = 0.0,
         start: int = 0,
     ) -> None:
         self.encoder = _Encoder(tokenizer)
         self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
         self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
-        self.statement_values = statement_values
+        self.statement_values, self.backward = statement_values, check_probability("backward", backward)
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -355,6 +388,7 @@ class ChainBatches:
             n_repeats=self.n_repeats,
             literal_operands=self.literal_operands,
             statement_values=self.statement_values,
+            backward=self.backward,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

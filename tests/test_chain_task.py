@@ -13,6 +13,7 @@ from modeling_recurrent.chain_task import (
     ChainBatches,
     Problem,
     accuracy_by_hops,
+    backward_order,
     build_tokenizer,
     evaluate_first_token,
     generate_problem,
@@ -323,3 +324,46 @@ def test_statement_values_supervise_what_the_text_so_far_determines():
         added = [(i, tok.convert_ids_to_tokens(int(rich["labels"][row, i])))
                  for i in (rich["labels"][row] != -100).logical_and(~kept[row]).nonzero().flatten().tolist()]
         assert added == resolved_statement_targets(statements, values)
+
+
+def places_by_chain(statements: tuple[str, ...]) -> dict[str, set[int]]:
+    """The literal variable of each chain -> the places of that chain's statements."""
+    rules, places = parse(list(statements)), {}
+    for place, statement in enumerate(statements):
+        name = statement[0]
+        while len(rules[name]) == 3:
+            name = rules[name][0]
+        places.setdefault(name, set()).add(place)
+    return places
+
+
+def in_backward_order(statements: tuple[str, ...]) -> bool:
+    place = {statement[0]: i for i, statement in enumerate(statements)}
+    return all(place[name] < place[rule[0]] for name, rule in parse(list(statements)).items() if len(rule) == 3)
+
+
+def test_backward_order_puts_every_statement_before_its_operand():
+    rng, moved = random.Random(5), 0
+    for problem in sample_problems("in-distribution", 100, seed=6):
+        rng_state = rng.getstate()
+        assert backward_order(problem, rng, 0) is problem
+        assert rng.getstate() == rng_state  # nothing drawn: old data streams unchanged
+        backward = backward_order(problem, rng, 1.0)
+        rules = parse(list(backward.statements))
+        assert sorted(backward.statements) == sorted(problem.statements)
+        assert {name: resolve(rules, name)[0] for name in rules} == problem.values
+        assert evaluate_prompt(backward.prompt) == int(backward.answer) == int(problem.answer)
+        assert PROMPT.fullmatch(backward.prompt) and backward.prompt.endswith(f";?{problem.target}=")
+        assert in_backward_order(backward.statements)
+        # Each chain keeps the places it had, so chains stay interleaved as the generator shuffled them.
+        assert places_by_chain(backward.statements) == places_by_chain(problem.statements)
+        assert len(resolved_statement_targets(backward.statements, backward.values)) == len(chain_lengths(rules))
+        moved += backward.statements != problem.statements
+    assert moved > 50
+    tok = build_tokenizer()
+    batch = ChainBatches(tok, 1, 8, (2, 4), n_queries=3, n_repeats=0, backward=1.0).batch(0)
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        statements = row_text(tok, ids, mask).split(";?")[0].split(";")
+        assert in_backward_order(tuple(statements))
+    with pytest.raises(ValueError, match="probability"):
+        backward_order(sample_problems("harder", 1, seed=0)[0], random.Random(0), -0.1)

@@ -216,3 +216,17 @@ def test_statement_values_option_reaches_the_data(tmp_path):
     trainer = Trainer(args_from_namespace(parser.parse_args(args)))
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, statement_values=True).batch(0)
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
+
+
+def test_backward_option_reaches_the_data(tmp_path):
+    from modeling_recurrent.chain_task import ChainBatches
+
+    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
+            "--chain-backward", "0.5"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, backward=0.5).batch(0)
+    assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="--chain-backward"):
+        TrainArgs(out="x", chain_backward=2)
