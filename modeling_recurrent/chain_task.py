@@ -106,8 +106,12 @@ def generate_problem(
     target_chain = tuple(names[: hops + 1])
     target = target_chain[-1]
     rng.shuffle(statements)
-    prompt = f"{SEPARATOR.join(statements)}{SEPARATOR}?{target}="
+    prompt = _prompt(statements, target)
     return Problem(prompt, str(values[target]), hops, tuple(statements), values, target, target_chain)
+
+
+def _prompt(statements: Sequence[str], target: str) -> str:
+    return f"{SEPARATOR.join(statements)}{SEPARATOR}?{target}="
 
 
 def _split(name: str) -> Split:
@@ -184,8 +188,7 @@ def backward_order(problem: Problem, rng: random.Random, probability: float) -> 
         deepest_first = sorted(members, reverse=True)
         for place, (_, source) in zip(sorted(p for _, p in members), deepest_first, strict=True):
             statements[place] = problem.statements[source]
-    prompt = f"{SEPARATOR.join(statements)}{SEPARATOR}?{problem.target}="
-    return replace(problem, prompt=prompt, statements=tuple(statements))
+    return replace(problem, prompt=_prompt(statements, problem.target), statements=tuple(statements))
 
 
 def resolved_statement_targets(statements: Sequence[str], values: dict[str, int]) -> list[tuple[int, str]]:
@@ -330,8 +333,8 @@ def training_batch(
 ) -> dict[str, torch.Tensor]:
     """One batch of in-distribution-style problems; hops uniform over the inclusive range `hops` (default 0-6), or
     drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
-    of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance that
-a problem's chains are written in backward order (`backward_order`)."""
+    of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance
+    that a problem's chains are written in backward order (`backward_order`)."""
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
     spec = SPLITS["in-distribution"]
@@ -373,7 +376,7 @@ class ChainBatches:
         self.encoder = _Encoder(tokenizer)
         self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
         self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
-        self.statement_values, self.backward = statement_values, check_probability("backward", backward)
+        self.statement_values, self.backward = statement_values, backward
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
