@@ -163,6 +163,19 @@ def substitute_operands(problem: Problem, rng: random.Random, probability: float
     )
 
 
+def chase(statements: Sequence[str], name: str) -> list[str]:
+    """The variables a look-up from `name` visits, as `statements` are written: `name`, its operand, that one's
+    operand, ... down to the variable set by a literal (`[g, d]` for `g=d-8;d=0`; a substituted operand, `g=0-8`,
+    ends the chase at `g`)."""
+    operand = {s[0]: s[2] for s in statements}
+    if name not in operand:
+        raise ValueError(f"no statement defines {name!r}")
+    path = [name]
+    while not operand[path[-1]].isdigit():
+        path.append(operand[path[-1]])
+    return path
+
+
 def backward_order(problem: Problem, rng: random.Random, probability: float) -> Problem:
     """With `probability`, the problem with each chain's statements moved, within the places that chain occupies, into
     backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); else `problem` itself.
@@ -171,18 +184,10 @@ def backward_order(problem: Problem, rng: random.Random, probability: float) -> 
     chain, one look-up per hop: the iterative skill that longer chains and deeper recurrence need."""
     if check_probability("probability", probability) == 0 or rng.random() >= probability:
         return problem  # probability 0 draws nothing: data streams without the option stay as they were
-    operand = {s[0]: s[2] for s in problem.statements}
-
-    def root_and_depth(name: str) -> tuple[str, int]:
-        depth = 0
-        while not operand[name].isdigit():
-            name, depth = operand[name], depth + 1
-        return name, depth
-
     chains: dict[str, list[tuple[int, int]]] = {}  # root -> (depth, place) of each of its statements
     for place, statement in enumerate(problem.statements):
-        root, depth = root_and_depth(statement[0])
-        chains.setdefault(root, []).append((depth, place))
+        path = chase(problem.statements, statement[0])
+        chains.setdefault(path[-1], []).append((len(path) - 1, place))
     statements = list(problem.statements)
     for members in chains.values():
         deepest_first = sorted(members, reverse=True)
@@ -281,9 +286,12 @@ class _Encoder:
         positions: Sequence[Sequence[int]],
         eos: bool = True,
         targets: Sequence[Sequence[tuple[int, str]]] | None = None,
+        chases: Sequence[Sequence[tuple[int, Sequence[str]]]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Right-padded ids; labels are the ids at `positions` (and at the appended eos), the given character at each
-        `(index, char)` of `targets`, IGNORE_INDEX elsewhere."""
+        `(index, char)` of `targets`, IGNORE_INDEX elsewhere. Each `(index, path)` of `chases` (a query's answer and
+        its `chase`) adds `chase_labels` (B, T, L): at `[row, index, r - 1]` the id of `path[r]`, the variable a
+        look-up one hop per recurrence step has reached after r steps (see `paced_labels`)."""
         width = max(map(len, texts)) + eos
         buffer = bytearray([self.pad_id]) * (len(texts) * width)
         lengths, rows, cols = [], [], []
@@ -301,7 +309,30 @@ class _Encoder:
         if cells:  # one indexed write for the whole batch
             target_rows, target_cols, ids = zip(*cells, strict=True)
             labels[list(target_rows), list(target_cols)] = torch.tensor(ids)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if chases is not None:
+            links = [(row, col, r, self.ids[name]) for row, pairs in enumerate(chases) for col, path in pairs
+                     for r, name in enumerate(path[1:])]
+            depth = 1 + max((r for _, _, r, _ in links), default=0)
+            batch["chase_labels"] = torch.full((*input_ids.shape, depth), IGNORE_INDEX)
+            if links:
+                rows, cols, steps, ids = map(list, zip(*links, strict=True))
+                batch["chase_labels"][rows, cols, steps] = torch.tensor(ids)
+        return batch
+
+
+def paced_labels(labels: torch.Tensor, chase_labels: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The labels (B, T) of a forward pass of `num_steps` recurrence steps, given the batch's `chase_labels`
+    (B, T, L): a query whose chase is longer than `num_steps` hops is labelled with the variable reached after
+    `num_steps` of them instead of its value.
+
+    Trained so, the answering position follows one link per step (the readout says where it has got to), which
+    makes a chain's depth, not the text order of its statements, set the steps it needs: deeper recurrence then
+    answers longer chains."""
+    if num_steps > chase_labels.shape[-1]:
+        return labels
+    reached = chase_labels[..., num_steps - 1]
+    return torch.where(reached != IGNORE_INDEX, reached, labels)
 
 
 def _draw_hops(
@@ -328,27 +359,32 @@ def training_batch(
     literal_operands: float = 0.0,
     statement_values: bool = False,
     backward: float = 0.0,
+    paced: bool = False,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch of in-distribution-style problems; hops uniform over the inclusive range `hops` (default 0-6), or
     drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
     of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance
-    that a problem's chains are written in backward order (`backward_order`)."""
+    that a problem's chains are written in backward order (`backward_order`); `paced` adds `chase_labels` for
+    `paced_labels`."""
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
     spec = SPLITS["in-distribution"]
-    texts, positions, targets = [], [], []
+    texts, positions, targets, chases = [], [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
         problem = backward_order(problem, rng, backward)
         text, answers = training_example(problem, rng, n_queries, n_repeats, literal_operands)
         texts.append(text)
         positions.append(answers)
-        if statement_values:  # the text opens with the (possibly substituted) statements
-            statements = text.split(SEPARATOR)[: len(problem.statements)]
+        statements = text.split(SEPARATOR)[: len(problem.statements)]  # as written (operands maybe substituted)
+        if statement_values:
             targets.append(resolved_statement_targets(statements, problem.values))
-    return (encoder or _Encoder(tokenizer))(texts, positions, targets=targets or None)
+        if paced:  # a query `;?x=D` is supervised at D, two characters after its variable
+            chases.append([(i, chase(statements, text[i - 2])) for i in answers if text[i - 3] == "?"])
+    encoder = encoder or _Encoder(tokenizer)
+    return encoder(texts, positions, targets=targets or None, chases=chases if paced else None)
 
 
 class ChainBatches:
@@ -371,12 +407,13 @@ class ChainBatches:
         literal_operands: float = 0.0,
         statement_values: bool = False,
         backward: float = 0.0,
+        paced: bool = False,
         start: int = 0,
     ) -> None:
         self.encoder = _Encoder(tokenizer)
         self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
         self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
-        self.statement_values, self.backward = statement_values, backward
+        self.statement_values, self.backward, self.paced = statement_values, backward, paced
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -392,6 +429,7 @@ class ChainBatches:
             literal_operands=self.literal_operands,
             statement_values=self.statement_values,
             backward=self.backward,
+            paced=self.paced,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
-from .chain_task import SPLITS, ChainBatches, build_tokenizer, check_probability, evaluate_first_token
+from .chain_task import SPLITS, ChainBatches, build_tokenizer, check_probability, evaluate_first_token, paced_labels
 from .modeling_recurrent_depth import sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
@@ -68,6 +68,7 @@ class TrainArgs:
     chain_literal_operands: float = 0.0
     chain_statement_values: bool = False
     chain_backward: float = 0.0
+    chain_paced: bool = False
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
@@ -323,7 +324,8 @@ class Trainer:
             args = self.args
             self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
                                        n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands,
-                                       statement_values=args.chain_statement_values, backward=args.chain_backward)
+                                       statement_values=args.chain_statement_values, backward=args.chain_backward,
+                                       paced=args.chain_paced)
         most = self._max_hops()
         if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
             self._chain.hops, self._chain.hop_weights = (0, most), None
@@ -359,6 +361,10 @@ class Trainer:
             self.config.mean_backprop_depth,
             torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.step),
         )
+        batch = dict(batch)
+        chase = batch.pop("chase_labels", None)
+        if chase is not None:  # --chain-paced: what a query is labelled with depends on the depth just drawn
+            batch["labels"] = paced_labels(batch["labels"], chase, sum(depth))
         supervised = (batch["labels"][:, 1:] != -100).sum()
         total = supervised.clone()
         if self.world > 1:
@@ -544,6 +550,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain-statement-values", action="store_true",
                         help="chain data: also supervise, at each statement's ';', the value of every statement "
                         "that follows from the ones before it (dense intermediate values; prompts are unchanged)")
+    parser.add_argument("--chain-paced", action="store_true",
+                        help="chain data: a query whose chain has more links than the step's drawn depth r is "
+                        "labelled with the variable r look-ups reach from it (`?g=` -> `d` for `g=d-8` at r=1), "
+                        "its value only from r = links + 1 on: one hop per recurrence step (prompts are unchanged)")
     parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false",
                         help="chain data: train on hops 0-6 from the start instead of adding hops one at a time")
 

@@ -15,8 +15,10 @@ from modeling_recurrent.chain_task import (
     accuracy_by_hops,
     backward_order,
     build_tokenizer,
+    chase,
     evaluate_first_token,
     generate_problem,
+    paced_labels,
     resolved_statement_targets,
     sample_problems,
     substitute_operands,
@@ -367,3 +369,49 @@ def test_backward_order_puts_every_statement_before_its_operand():
         assert in_backward_order(tuple(statements))
     with pytest.raises(ValueError, match="probability"):
         backward_order(sample_problems("harder", 1, seed=0)[0], random.Random(0), -0.1)
+
+
+def walk(rules: dict[str, tuple], name: str) -> list[str]:
+    """`name` and the variables below it, by the parsed statements (the test's own chase)."""
+    path = [name]
+    while len(rules[path[-1]]) == 3 and not rules[path[-1]][0].isdigit():
+        path.append(rules[path[-1]][0])
+    return path
+
+
+def test_chase_follows_the_operands_as_written():
+    rng = random.Random(7)
+    for problem in sample_problems("in-distribution", 50, seed=8):
+        assert chase(problem.statements, problem.target) == list(reversed(problem.chain))
+        written = substitute_operands(problem, rng, 0.5)
+        rules = parse(list(written), LITERAL_STATEMENT)
+        assert all(chase(written, name) == walk(rules, name) for name in problem.values)
+    with pytest.raises(ValueError, match="no statement defines 'z'"):
+        chase(("a=1",), "z")
+
+
+def test_paced_labels_name_the_variable_reached_until_the_chain_is_resolved():
+    tok = build_tokenizer()
+    plain = training_batch(tok, random.Random(3), 8, (0, 6), 6, n_repeats=2, literal_operands=0.25)
+    paced = training_batch(tok, random.Random(3), 8, (0, 6), 6, n_repeats=2, literal_operands=0.25, paced=True)
+    assert all(torch.equal(plain[k], paced[k]) for k in plain)  # the same data: only chase_labels are added
+    longest, named = paced["chase_labels"].shape[-1], 0
+    for r in range(1, longest + 3):
+        labels = paced_labels(paced["labels"], paced["chase_labels"], r)
+        for row in range(8):
+            text = row_text(tok, paced["input_ids"][row], paced["attention_mask"][row])
+            statements = []
+            for part in text.split(";"):  # the statements end where a query or a repeated variable begins
+                if part.startswith("?") or part[0] in {s[0] for s in statements}:
+                    break
+                statements.append(part)
+            rules = parse(statements, LITERAL_STATEMENT)
+            expected = paced["labels"][row].clone()
+            for match in QUERY.finditer(text):
+                path = walk(rules, match.group(1))
+                if r < len(path):  # still r links down the chain: the readout names where it has got to
+                    expected[match.end() - 1] = tok.convert_tokens_to_ids(path[r])
+                    named += 1
+            assert torch.equal(labels[row], expected), (r, text)
+    assert named > 20
+    assert torch.equal(paced_labels(paced["labels"], paced["chase_labels"], longest + 1), paced["labels"])

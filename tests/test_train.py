@@ -230,3 +230,28 @@ def test_backward_option_reaches_the_data(tmp_path):
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="--chain-backward"):
         TrainArgs(out="x", chain_backward=2)
+
+
+def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
+    from modeling_recurrent.chain_task import ChainBatches, paced_labels
+
+    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
+            "--set", "mean_backprop_depth=1", "--mean-recurrence", "2", "--chain-paced"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, paced=True).batch(0)
+    batch = trainer.global_batch()
+    assert all(torch.equal(batch[k], expected[k]) for k in expected) and "chase_labels" in batch
+    seen = []
+    forward = trainer.ddp
+
+    def recording(**kwargs):
+        seen.append((kwargs["labels"], sum(kwargs["num_steps"])))
+        return forward(**kwargs)
+
+    trainer.ddp = recording
+    trainer.train_step(batch)
+    labels, depth = seen[0]
+    assert "chase_labels" in batch  # the caller's batch is left as it was
+    assert torch.equal(labels, paced_labels(batch["labels"], batch["chase_labels"], depth))
