@@ -144,11 +144,14 @@ def print_table(results: dict, steps: list[int], compute: dict, config) -> None:
 
 
 def print_examples(problems: list, predictions: dict, steps: list[int], count: int = 4) -> None:
+    """The deepest problems that the most steps answer and the fewest do not (what depth buys), then the deepest
+    others."""
     low, high = steps[0], steps[-1]
     print(f"\nA few problems at num_steps {low} and {high}:")
-    shown = sorted(problems, key=lambda p: -p.hops)[:count]
-    for problem in shown:
-        i = problems.index(problem)
+    low_answers, high_answers = predictions["in-distribution", low], predictions["in-distribution", high]
+    gained = {i for i, p in enumerate(problems) if high_answers[i][:1] == p.answer != low_answers[i][:1]}
+    for i in sorted(range(len(problems)), key=lambda i: (i not in gained, -problems[i].hops))[:count]:
+        problem = problems[i]
         print(
             f"  {problem.prompt:<60} answer {problem.answer} | r={low}: {predictions['in-distribution', low][i]!r}"
             f"  r={high}: {predictions['in-distribution', high][i]!r}  ({problem.hops} hops)"

@@ -52,3 +52,17 @@ def test_model_folder_without_tokenizer(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_examples_show_what_depth_buys_first(capsys):
+    from modeling_recurrent.demo import print_examples
+
+    problems = sample_problems("in-distribution", 6, seed=3)
+    deepest = max(range(6), key=lambda i: problems[i].hops)
+    gained = min((i for i in range(6) if i != deepest), key=lambda i: problems[i].hops)
+    low = ["x"] * 6
+    high = [p.answer if i == gained else "x" for i, p in enumerate(problems)]
+    print_examples(problems, {("in-distribution", 1): low, ("in-distribution", 8): high}, [1, 8], count=2)
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    # The one problem 8 steps answer and 1 step does not comes first, however shallow; then the deepest.
+    assert [line.split()[0] for line in lines] == [problems[gained].prompt, problems[deepest].prompt]
