@@ -153,8 +153,8 @@ def print_examples(problems: list, predictions: dict, steps: list[int], count: i
     for i in sorted(range(len(problems)), key=lambda i: (i not in gained, -problems[i].hops))[:count]:
         problem = problems[i]
         print(
-            f"  {problem.prompt:<60} answer {problem.answer} | r={low}: {predictions['in-distribution', low][i]!r}"
-            f"  r={high}: {predictions['in-distribution', high][i]!r}  ({problem.hops} hops)"
+            f"  {problem.prompt:<60} answer {problem.answer} | r={low}: {low_answers[i]!r}"
+            f"  r={high}: {high_answers[i]!r}  ({problem.hops} hops)"
         )
 
 

@@ -295,6 +295,17 @@ def test_literal_operands_keep_every_value():
 
 
 
+def written_statements(text: str) -> list[str]:
+    """The problem's statements at the start of a training text: they end where a query or a repeated variable
+    begins."""
+    statements = []
+    for part in text.split(";"):
+        if part.startswith("?") or part[0] in {s[0] for s in statements}:
+            break
+        statements.append(part)
+    return statements
+
+
 def test_statement_values_supervise_what_the_text_so_far_determines():
     tok, rng, resolved = build_tokenizer(), random.Random(1), 0
     for problem in sample_problems("in-distribution", 100, seed=4):
@@ -316,11 +327,7 @@ def test_statement_values_supervise_what_the_text_so_far_determines():
     assert torch.equal(rich["labels"][kept], plain["labels"][kept])
     for row in range(8):
         text = row_text(tok, rich["input_ids"][row], rich["attention_mask"][row])
-        statements = []
-        for part in text.split(";"):  # the problem's statements end where a query or a repeated variable begins
-            if part.startswith("?") or part[0] in {s[0] for s in statements}:
-                break
-            statements.append(part)
+        statements = written_statements(text)
         rules = parse(statements, LITERAL_STATEMENT)
         values = {name: resolve(rules, name)[0] for name in rules}
         added = [(i, tok.convert_ids_to_tokens(int(rich["labels"][row, i])))
@@ -400,12 +407,7 @@ def test_paced_labels_name_the_variable_reached_until_the_chain_is_resolved():
         labels = paced_labels(paced["labels"], paced["chase_labels"], r)
         for row in range(8):
             text = row_text(tok, paced["input_ids"][row], paced["attention_mask"][row])
-            statements = []
-            for part in text.split(";"):  # the statements end where a query or a repeated variable begins
-                if part.startswith("?") or part[0] in {s[0] for s in statements}:
-                    break
-                statements.append(part)
-            rules = parse(statements, LITERAL_STATEMENT)
+            rules = parse(written_statements(text), LITERAL_STATEMENT)
             expected = paced["labels"][row].clone()
             for match in QUERY.finditer(text):
                 path = walk(rules, match.group(1))
