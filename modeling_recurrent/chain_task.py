@@ -176,6 +176,21 @@ def chase(statements: Sequence[str], name: str) -> list[str]:
     return path
 
 
+def paced_targets(
+    statements: Sequence[str], values: dict[str, int], name: str, rng: random.Random, offsets: float = 0.0
+) -> list[str]:
+    """What a query of `name` is labelled with after r = 1, 2, ... recurrence steps while its chase lasts: the variable
+    reached, `chase(statements, name)[r]`, or with probability `offsets` the running offset, value(name) - value(that
+    variable) mod 10 (`?g=` -> `d` or `2` for `g=d-8`). From r = len(chase) on, the label is the answer (not listed).
+
+    The offset is what the look-ups so far add on top of the variable reached; it turns into the answer when the
+    chase ends, so a readout trained on both names the whole state an iterated look-up has to carry."""
+    path = chase(statements, name)
+    if check_probability("offsets", offsets) == 0:
+        return path[1:]  # probability 0 draws nothing: data streams without the option stay as they were
+    return [str((values[name] - values[v]) % 10) if rng.random() < offsets else v for v in path[1:]]
+
+
 def backward_order(problem: Problem, rng: random.Random, probability: float) -> Problem:
     """With `probability`, the problem with each chain's statements moved, within the places that chain occupies, into
     backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); else `problem` itself.
@@ -289,9 +304,9 @@ class _Encoder:
         chases: Sequence[Sequence[tuple[int, Sequence[str]]]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Right-padded ids; labels are the ids at `positions` (and at the appended eos), the given character at each
-        `(index, char)` of `targets`, IGNORE_INDEX elsewhere. Each `(index, path)` of `chases` (a query's answer and
-        its `chase`) adds `chase_labels` (B, T, L): at `[row, index, r - 1]` the id of `path[r]`, the variable a
-        look-up one hop per recurrence step has reached after r steps (see `paced_labels`)."""
+        `(index, char)` of `targets`, IGNORE_INDEX elsewhere. Each `(index, steps)` of `chases` (a query's answer and
+        its `paced_targets`) adds `chase_labels` (B, T, L): at `[row, index, r - 1]` the id of `steps[r - 1]`, what
+        a look-up one hop per recurrence step is labelled with after r steps (see `paced_labels`)."""
         width = max(map(len, texts)) + eos
         buffer = bytearray([self.pad_id]) * (len(texts) * width)
         lengths, rows, cols = [], [], []
@@ -311,8 +326,8 @@ class _Encoder:
             labels[list(target_rows), list(target_cols)] = torch.tensor(ids)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if chases is not None:
-            links = [(row, col, r, self.ids[name]) for row, pairs in enumerate(chases) for col, path in pairs
-                     for r, name in enumerate(path[1:])]
+            links = [(row, col, r, self.ids[char]) for row, pairs in enumerate(chases) for col, steps in pairs
+                     for r, char in enumerate(steps)]
             depth = 1 + max((r for _, _, r, _ in links), default=0)
             batch["chase_labels"] = torch.full((*input_ids.shape, depth), IGNORE_INDEX)
             if links:
@@ -324,7 +339,7 @@ class _Encoder:
 def paced_labels(labels: torch.Tensor, chase_labels: torch.Tensor, num_steps: int) -> torch.Tensor:
     """The labels (B, T) of a forward pass of `num_steps` recurrence steps, given the batch's `chase_labels`
     (B, T, L): a query whose chase is longer than `num_steps` hops is labelled with the variable reached after
-    `num_steps` of them instead of its value.
+    `num_steps` of them (or the running offset, see `paced_targets`) instead of its value.
 
     Trained so, the answering position follows one link per step (the readout says where it has got to), which
     makes a chain's depth, not the text order of its statements, set the steps it needs: deeper recurrence then
@@ -360,6 +375,7 @@ def training_batch(
     statement_values: bool = False,
     backward: float = 0.0,
     paced: bool = False,
+    paced_offsets: float = 0.0,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -367,7 +383,7 @@ def training_batch(
     drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
     of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance
     that a problem's chains are written in backward order (`backward_order`); `paced` adds `chase_labels` for
-    `paced_labels`."""
+    `paced_labels`, with `paced_offsets` the chance of a running offset in them (`paced_targets`)."""
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
     spec = SPLITS["in-distribution"]
@@ -382,7 +398,8 @@ def training_batch(
         if statement_values:
             targets.append(resolved_statement_targets(statements, problem.values))
         if paced:  # a query `;?x=D` is supervised at D, two characters after its variable
-            chases.append([(i, chase(statements, text[i - 2])) for i in answers if text[i - 3] == "?"])
+            chases.append([(i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
+                           for i in answers if text[i - 3] == "?"])
     encoder = encoder or _Encoder(tokenizer)
     return encoder(texts, positions, targets=targets or None, chases=chases if paced else None)
 
@@ -408,12 +425,14 @@ class ChainBatches:
         statement_values: bool = False,
         backward: float = 0.0,
         paced: bool = False,
+        paced_offsets: float = 0.0,
         start: int = 0,
     ) -> None:
         self.encoder = _Encoder(tokenizer)
         self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
         self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
-        self.statement_values, self.backward, self.paced = statement_values, backward, paced
+        self.statement_values, self.backward = statement_values, backward
+        self.paced, self.paced_offsets = paced, paced_offsets
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -430,6 +449,7 @@ class ChainBatches:
             statement_values=self.statement_values,
             backward=self.backward,
             paced=self.paced,
+            paced_offsets=self.paced_offsets,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

@@ -69,6 +69,7 @@ class TrainArgs:
     chain_statement_values: bool = False
     chain_backward: float = 0.0
     chain_paced: bool = False
+    chain_paced_offsets: float = 0.0
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
@@ -85,8 +86,11 @@ class TrainArgs:
         for name in ("lr", "grad_clip", "chain_frontier_weight"):
             _require(name, getattr(self, name), (int, float), lambda v: v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, (int, float), lambda v: v >= 0, "a number >= 0")
-        for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands", "chain_backward"):
+        for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands", "chain_backward",
+                     "chain_paced_offsets"):
             check_probability(_option(name), getattr(self, name))
+        if self.chain_paced_offsets and not self.chain_paced:
+            raise ValueError("--chain-paced-offsets labels the steps of --chain-paced: give both")
         if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
             raise ValueError(f"--eval-steps must be positive integers, got {self.eval_steps!r}")
 
@@ -325,7 +329,7 @@ class Trainer:
             self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
                                        n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands,
                                        statement_values=args.chain_statement_values, backward=args.chain_backward,
-                                       paced=args.chain_paced)
+                                       paced=args.chain_paced, paced_offsets=args.chain_paced_offsets)
         most = self._max_hops()
         if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
             self._chain.hops, self._chain.hop_weights = (0, most), None
@@ -514,6 +518,9 @@ _HELP = {
     "(teaches a hop's arithmetic apart from its indirection; evaluation always uses the spec's format)",
     "chain_backward": "chance that a training problem's chains are written in backward order (`g=d-8;...;d=0`), where "
     "only the answering position can resolve them, one look-up per hop (evaluation keeps the spec's shuffled order)",
+    "chain_paced_offsets": "with --chain-paced: chance that a query's label at a step before its chain is resolved "
+    "is the running offset (`2` for `g=d-8`: value(g) - value(d)) instead of the variable reached, so the readout "
+    "also names the sum the look-ups so far add",
     "text_field": "text data: the .jsonl field holding the text",
 }
 

@@ -19,6 +19,7 @@ from modeling_recurrent.chain_task import (
     evaluate_first_token,
     generate_problem,
     paced_labels,
+    paced_targets,
     resolved_statement_targets,
     sample_problems,
     substitute_operands,
@@ -417,3 +418,32 @@ def test_paced_labels_name_the_variable_reached_until_the_chain_is_resolved():
             assert torch.equal(labels[row], expected), (r, text)
     assert named > 20
     assert torch.equal(paced_labels(paced["labels"], paced["chase_labels"], longest + 1), paced["labels"])
+
+
+def test_paced_targets_name_the_variable_reached_or_the_running_offset():
+    rng, offsets_seen, names_seen = random.Random(5), 0, 0
+    for problem in sample_problems("in-distribution", 60, seed=9):
+        written = substitute_operands(problem, rng, 0.25)
+        rules = parse(list(written), LITERAL_STATEMENT)
+        for name in problem.values:
+            path = walk(rules, name)
+            assert paced_targets(written, problem.values, name, rng) == path[1:]  # default: the variables only
+            value = resolve(rules, name)[0]
+            offsets = [str((value - resolve(rules, v)[0]) % 10) for v in path[1:]]
+            assert paced_targets(written, problem.values, name, rng, 1.0) == offsets
+            mixed = paced_targets(written, problem.values, name, rng, 0.5)
+            assert all(label in (v, o) for label, v, o in zip(mixed, path[1:], offsets, strict=True))
+            offsets_seen += sum(label.isdigit() for label in mixed)
+            names_seen += sum(label.isalpha() for label in mixed)
+    assert offsets_seen > 20 and names_seen > 20
+    with pytest.raises(ValueError, match="offsets"):
+        paced_targets(("a=1",), {"a": 1}, "a", rng, 1.5)
+
+
+def test_paced_offsets_reach_the_batches():
+    tok = build_tokenizer()
+    batches = ChainBatches(tok, 0, 8, (2, 4), n_queries=6, paced=True, paced_offsets=1.0)
+    batch = batches.batch(0)
+    chase_ids = batch["chase_labels"][batch["chase_labels"] != -100]
+    assert chase_ids.numel() > 20
+    assert set(tok.convert_ids_to_tokens(chase_ids.tolist())) <= set(string.digits)  # offsets only

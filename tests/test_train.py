@@ -255,3 +255,7 @@ def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
     labels, depth = seen[0]
     assert "chase_labels" in batch  # the caller's batch is left as it was
     assert torch.equal(labels, paced_labels(batch["labels"], batch["chase_labels"], depth))
+    with pytest.raises(ValueError, match="--chain-paced-offsets.*--chain-paced"):
+        TrainArgs(out="x", chain_paced_offsets=0.5)
+    with pytest.raises(ValueError, match="--chain-paced-offsets"):
+        TrainArgs(out="x", chain_paced=True, chain_paced_offsets=-1)
