@@ -301,12 +301,12 @@ class _Encoder:
         positions: Sequence[Sequence[int]],
         eos: bool = True,
         targets: Sequence[Sequence[tuple[int, str]]] | None = None,
-        chases: Sequence[Sequence[tuple[int, Sequence[str]]]] | None = None,
+        paced_steps: Sequence[Sequence[tuple[int, Sequence[str]]]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Right-padded ids; labels are the ids at `positions` (and at the appended eos), the given character at each
-        `(index, char)` of `targets`, IGNORE_INDEX elsewhere. Each `(index, steps)` of `chases` (a query's answer and
-        its `paced_targets`) adds `chase_labels` (B, T, L): at `[row, index, r - 1]` the id of `steps[r - 1]`, what
-        a look-up one hop per recurrence step is labelled with after r steps (see `paced_labels`)."""
+        `(index, char)` of `targets`, IGNORE_INDEX elsewhere. Each `(index, steps)` of `paced_steps` (a query's answer
+        and its `paced_targets`) adds `chase_labels` (B, T, L): at `[row, index, r - 1]` the id of `steps[r - 1]`,
+        what a look-up one hop per recurrence step is labelled with after r steps (see `paced_labels`)."""
         width = max(map(len, texts)) + eos
         buffer = bytearray([self.pad_id]) * (len(texts) * width)
         lengths, rows, cols = [], [], []
@@ -325,8 +325,8 @@ class _Encoder:
             target_rows, target_cols, ids = zip(*cells, strict=True)
             labels[list(target_rows), list(target_cols)] = torch.tensor(ids)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if chases is not None:
-            links = [(row, col, r, self.ids[char]) for row, pairs in enumerate(chases) for col, steps in pairs
+        if paced_steps is not None:
+            links = [(row, col, r, self.ids[char]) for row, pairs in enumerate(paced_steps) for col, steps in pairs
                      for r, char in enumerate(steps)]
             depth = 1 + max((r for _, _, r, _ in links), default=0)
             batch["chase_labels"] = torch.full((*input_ids.shape, depth), IGNORE_INDEX)
@@ -387,7 +387,7 @@ def training_batch(
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
     spec = SPLITS["in-distribution"]
-    texts, positions, targets, chases = [], [], [], []
+    texts, positions, targets, paced_steps = [], [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
         problem = backward_order(problem, rng, backward)
@@ -398,10 +398,10 @@ def training_batch(
         if statement_values:
             targets.append(resolved_statement_targets(statements, problem.values))
         if paced:  # a query `;?x=D` is supervised at D, two characters after its variable
-            chases.append([(i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
+            paced_steps.append([(i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
                            for i in answers if text[i - 3] == "?"])
     encoder = encoder or _Encoder(tokenizer)
-    return encoder(texts, positions, targets=targets or None, chases=chases if paced else None)
+    return encoder(texts, positions, targets=targets or None, paced_steps=paced_steps if paced else None)
 
 
 class ChainBatches:
