@@ -60,6 +60,7 @@ class TrainArgs:
     eval_samples: int = 200
     save_every: int = 200
     activation_checkpointing: bool = False
+    deep_supervision: bool = False  # a loss after every recurrence step with gradient, not only the last
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0
     text_field: str = "text"
@@ -91,6 +92,9 @@ class TrainArgs:
             check_probability(_option(name), getattr(self, name))
         if self.chain_paced_offsets and not self.chain_paced:
             raise ValueError("--chain-paced-offsets labels the steps of --chain-paced: give both")
+        if self.deep_supervision and self.fsdp:
+            raise ValueError("--deep-supervision reads the model out between its own forward's parts, which FSDP "
+                             "does not gather: use DDP (drop --fsdp)")
         if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
             raise ValueError(f"--eval-steps must be positive integers, got {self.eval_steps!r}")
 
@@ -187,6 +191,46 @@ def text_batch(blocks: torch.Tensor, batch_size: int, seed: int, step: int) -> d
     return {"input_ids": batch, "labels": batch.clone(), "attention_mask": torch.ones_like(batch)}
 
 
+class StepwiseLoss(torch.nn.Module):
+    """Deep supervision (`--deep-supervision`): the loss read out through the coda after every recurrence step that
+    has gradient, averaged over those steps, so that each step's state is trained to say what it knows by then.
+    With `--chain-paced` step r is labelled for depth r (`paced_labels`), which makes every step of a chain's walk
+    a target in every batch instead of only the one depth drawn. A module of its own so that DDP wraps one forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        num_steps: tuple[int, int],
+        input_states: torch.Tensor,
+        num_items_in_batch: torch.Tensor,
+        chase_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean over the steps with gradient of the causal-LM loss (labels (B, T), chase_labels (B, T, L))."""
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = lm.transformer
+        embeds = base.embed(input_ids, None)
+        ctx = base.block_context(embeds, attention_mask, None, None)
+        x = embeds
+        for block in base.prelude:
+            x = block(x, ctx)
+        states: list[torch.Tensor] = []
+        base.iterate(base.initial_state(x, input_states, False, None, 0.0), x, ctx, num_steps, record=states.append)
+        losses = []
+        for depth, state in enumerate(states[num_steps[0] :], start=num_steps[0] + 1):
+            step_labels = labels if chase_labels is None else paced_labels(labels, chase_labels, depth)
+            logits = base.readout(state, ctx, lm.lm_head)
+            losses.append(lm.loss_function(logits=logits, labels=step_labels, vocab_size=lm.config.vocab_size,
+                                           num_items_in_batch=num_items_in_batch))
+        return torch.stack(losses).mean()
+
+
 class Trainer:
     """Runs `args.steps` optimizer steps with periodic evaluation and resumable checkpoints."""
 
@@ -230,10 +274,11 @@ class Trainer:
         """The module the training step calls: the model itself (one process), DDP, or the model sharded in place
         with FSDP2 (`--fsdp`): each prelude and coda block is a unit gathered for its own forward; the core blocks
         stay in the root unit, gathered once per forward and kept for every recurrence step."""
+        module = StepwiseLoss(self.model) if self.args.deep_supervision else self.model
         if self.world == 1:
-            return self.model
+            return module
         if not self.sharded:
-            return torch.nn.parallel.DistributedDataParallel(self.model)
+            return torch.nn.parallel.DistributedDataParallel(module)
         from torch.distributed.fsdp import fully_shard
 
         for block in (*self.model.transformer.prelude, *self.model.transformer.coda):
@@ -367,21 +412,24 @@ class Trainer:
         )
         batch = dict(batch)
         chase = batch.pop("chase_labels", None)
-        if chase is not None:  # --chain-paced: what a query is labelled with depends on the depth just drawn
+        if chase is not None and not self.args.deep_supervision:
+            # --chain-paced: what a query is labelled with depends on the depth just drawn
             batch["labels"] = paced_labels(batch["labels"], chase, sum(depth))
-        supervised = (batch["labels"][:, 1:] != -100).sum()
-        total = supervised.clone()
+        # Paced labels only replace the targets of supervised positions, so the count holds at every depth.
+        total = (batch["labels"][:, 1:] != -100).sum()
         if self.world > 1:
             dist.all_reduce(total)
-        out = self.ddp(**batch, num_steps=depth, input_states=self._initial_states(batch),
-                       num_items_in_batch=total.to(torch.float32))
+        inputs = dict(batch, num_steps=depth, input_states=self._initial_states(batch),
+                      num_items_in_batch=total.to(torch.float32))
+        deep = self.args.deep_supervision
+        step_loss = self.ddp(**inputs, chase_labels=chase) if deep else self.ddp(**inputs).loss
         # DDP averages gradients over ranks; the loss is a sum over this rank's tokens / global token count.
-        (out.loss * self.world).backward()
+        (step_loss * self.world).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = out.loss.detach() * self.world
+        loss = step_loss.detach() * self.world
         if self.world > 1:
             dist.all_reduce(loss)
             loss /= self.world
@@ -552,6 +600,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated num_steps for periodic evaluation",
     )
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each recurrence step")
+    parser.add_argument("--deep-supervision", action="store_true",
+                        help="a loss read out after every recurrence step with gradient (averaged), not only the "
+                        "last; with --chain-paced step r is labelled for depth r, so every step of a chain's walk is "
+                        "a target in every batch (use --set mean_backprop_depth=N to put more steps under gradient)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     parser.add_argument("--chain-statement-values", action="store_true",

@@ -259,3 +259,35 @@ def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
         TrainArgs(out="x", chain_paced_offsets=0.5)
     with pytest.raises(ValueError, match="--chain-paced-offsets"):
         TrainArgs(out="x", chain_paced=True, chain_paced_offsets=-1)
+
+
+def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tmp_path):
+    from modeling_recurrent.chain_task import paced_labels
+
+    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
+            "--set", "mean_backprop_depth=3", "--chain-paced", "--chain-paced-offsets", "0.5", "--deep-supervision",
+            "--warmup", "0"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    batch = trainer.global_batch()
+    model = trainer.model
+    chase, states = batch["chase_labels"], trainer._initial_states(batch)
+    plain = {k: v for k, v in batch.items() if k != "chase_labels"}
+    count = (batch["labels"][:, 1:] != -100).sum().float()
+    for steps in ((0, 1), (0, 3), (2, 2)):  # every step under gradient, and two steps before it without
+        loss = trainer.ddp(**plain, num_steps=steps, input_states=states, num_items_in_batch=count, chase_labels=chase)
+        with torch.no_grad():
+            expected = [
+                model(**dict(plain, labels=paced_labels(batch["labels"], chase, depth)), num_steps=depth,
+                      input_states=states, num_items_in_batch=count).loss
+                for depth in range(steps[0] + 1, sum(steps) + 1)
+            ]
+        torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+        assert loss.requires_grad
+    assert len({round(float(x), 4) for x in expected}) > 1  # the steps' labels and losses differ
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train_step(batch)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="--deep-supervision.*--fsdp"):
+        TrainArgs(out="x", deep_supervision=True, fsdp=True)
