@@ -653,6 +653,28 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         )
         return BlockContext(self.rotary(position_ids), mask, cache, past)
 
+    def encode(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: RecurrentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        record: Callable[[torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, BlockContext]:
+        """Embeddings and prelude: the prelude output (B, T, D) that every core step injects, and the block context
+        for the steps and the coda. `record` sees the embeddings and each prelude block's output."""
+        embeds = self.embed(input_ids, inputs_embeds)
+        ctx = self.block_context(embeds, attention_mask, position_ids, cache)
+        x = embeds
+        if record is not None:
+            record(x)
+        for block in self.prelude:
+            x = block(x, ctx)
+            if record is not None:
+                record(x)
+        return x, ctx
+
     def resolve_cache(self, past_key_values: object, use_cache: bool | None) -> RecurrentCache | None:
         """The RecurrentCache to use: the given one (an empty Transformers cache is replaced), a new one, or None."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -732,17 +754,13 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             )
         criterion = self._exit_criterion(exit_criterion, exit_threshold, min_steps, sum(steps), head)
 
-        embeds = self.embed(input_ids, inputs_embeds)
-        ctx = self.block_context(embeds, attention_mask, position_ids, cache)
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        hidden: list[torch.Tensor] | None = [embeds] if output_hidden_states else None
-        x = embeds
-        for block in self.prelude:
-            x = block(x, ctx)
-            if hidden is not None:
-                hidden.append(x)
+        hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
+        x, ctx = self.encode(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, hidden.append if hidden is not None else None
+        )
         state = self.initial_state(x, input_states, warm_start, cache, init_scale)
         if criterion is None:
             state = self.iterate(state, x, ctx, steps, record=hidden.append if hidden is not None else None)

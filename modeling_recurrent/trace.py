@@ -170,11 +170,7 @@ def record_trajectory(
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
-    embeds = base.embed(input_ids, None)
-    ctx = base.block_context(embeds, attention_mask, None, None)  # no cache
-    x = embeds
-    for block in base.prelude:
-        x = block(x, ctx)
+    x, ctx = base.encode(input_ids, attention_mask)  # no cache
     state = base.initial_state(x, None, False, None, init_scale)
     recorder = _Recorder(base, head, ctx, state, kept.to(device), every, num_steps)
     base.iterate(state, x, ctx, (num_steps, 0), record=recorder)

@@ -191,6 +191,11 @@ def text_batch(blocks: torch.Tensor, batch_size: int, seed: int, step: int) -> d
     return {"input_ids": batch, "labels": batch.clone(), "attention_mask": torch.ones_like(batch)}
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The recurrent-depth causal LM inside `model` (a peft wrapper when training LoRA adapters, else itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class StepwiseLoss(torch.nn.Module):
     """Deep supervision (`--deep-supervision`): the loss read out through the coda after every recurrence step that
     has gradient, averaged over those steps, so that each step's state is trained to say what it knows by then.
@@ -213,13 +218,9 @@ class StepwiseLoss(torch.nn.Module):
         chase_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over the steps with gradient of the causal-LM loss (labels (B, T), chase_labels (B, T, L))."""
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        lm = causal_lm(self.model)
         base = lm.transformer
-        embeds = base.embed(input_ids, None)
-        ctx = base.block_context(embeds, attention_mask, None, None)
-        x = embeds
-        for block in base.prelude:
-            x = block(x, ctx)
+        x, ctx = base.encode(input_ids, attention_mask)
         states: list[torch.Tensor] = []
         base.iterate(base.initial_state(x, input_states, False, None, 0.0), x, ctx, num_steps, record=states.append)
         losses = []
@@ -394,7 +395,7 @@ class Trainer:
     def _initial_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's rows of the global batch's random initial states, drawn from a generator seeded by the step,
         so that any number of ranks (and a resumed run) start from the same states."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = causal_lm(self.model)
         rows, width = batch["input_ids"].shape[0] * self.world, batch["input_ids"].shape[1]
         with torch.random.fork_rng():
             torch.manual_seed(self.args.seed * 1_000_003 + self.step)
