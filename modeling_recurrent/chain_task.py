@@ -191,6 +191,53 @@ def paced_targets(
     return [str((values[name] - values[v]) % 10) if rng.random() < offsets else v for v in path[1:]]
 
 
+def read_digits(statements: Sequence[str], name: str) -> list[int]:
+    """Character indices in `";".join(statements)` of the digits a look-up from `name` reads, one per recurrence step:
+    at step r the digit of the statement defining `chase(statements, name)[r - 1]` (`[8, 2]` for `d=0;g=d-8`,
+    from `g`: first `g=d-8`'s 8, then `d=0`'s 0)."""
+    ends, end = {}, -1
+    for statement in statements:
+        end += 1 + len(statement)  # the `;` after this statement; its digit comes just before
+        ends[statement[0]] = end - 1
+    return [ends[v] for v in chase(statements, name)]
+
+
+def check_carry(carry: object, paced: bool, n_queries: int, n_repeats: int, literal_operands: float) -> float:
+    """`carry` as a probability, after checking the batches it needs: paced labels, a single query per problem and
+    statements as the spec writes them (the hidden digits are those of the target's chain; another query, a
+    repeated statement or a substituted operand would show them)."""
+    if check_probability("carry", carry) and (not paced or n_queries != 1 or n_repeats != 0 or literal_operands):
+        raise ValueError(
+            "carry hides the digits of the target's chain: it needs paced labels, one query per problem, no repeated "
+            f"statements and no literal operands (got paced={paced}, n_queries={n_queries}, n_repeats={n_repeats}, "
+            f"literal_operands={literal_operands})"
+        )
+    return float(carry)
+
+
+def carry_inputs(
+    input_ids: torch.Tensor, reads: Sequence[Sequence[int] | None], digit_ids: Sequence[int], rng: random.Random
+) -> torch.Tensor:
+    """The inputs each recurrence step sees (B, T, L) for `input_ids` (B, T): at step r (column r - 1) the digits of
+    a row's `reads` (`read_digits`) are replaced by wrong ones, each drawn afresh, except the one step r reads; the
+    last column, which every later step uses, hides them all. A row whose `reads` is None sees `input_ids` at
+    every step. `digit_ids[d]` is the id of digit d.
+
+    A step that sees a chain's digits only when it reads them can get the running offset nowhere but from the state
+    its earlier steps left: trained so, the answering position carries the sum instead of re-reading the statements
+    (which works for two links and not for three)."""
+    depth = 1 + max((len(r) for r in reads if r is not None), default=0)
+    steps = input_ids[..., None].repeat(1, 1, depth)
+    digit_of = {int(i): d for d, i in enumerate(digit_ids)}
+    for row, positions in enumerate(reads):
+        for step in range(depth if positions is not None else 0):
+            for k, col in enumerate(positions):
+                if k != step:
+                    wrong = (digit_of[int(input_ids[row, col])] + rng.randint(1, MODULUS - 1)) % MODULUS
+                    steps[row, col, step] = digit_ids[wrong]
+    return steps
+
+
 def backward_order(problem: Problem, rng: random.Random, probability: float) -> Problem:
     """With `probability`, the problem with each chain's statements moved, within the places that chain occupies, into
     backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); else `problem` itself.
@@ -376,6 +423,7 @@ def training_batch(
     backward: float = 0.0,
     paced: bool = False,
     paced_offsets: float = 0.0,
+    carry: float = 0.0,
     hop_weights: Sequence[float] | None = None,
     encoder: _Encoder | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -383,11 +431,13 @@ def training_batch(
     drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
     of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance
     that a problem's chains are written in backward order (`backward_order`); `paced` adds `chase_labels` for
-    `paced_labels`, with `paced_offsets` the chance of a running offset in them (`paced_targets`)."""
+    `paced_labels`, with `paced_offsets` the chance of a running offset in them (`paced_targets`); `carry` is the
+    chance that a problem's steps see only the digits they read (`carry_inputs`, as `step_input_ids`)."""
     if _check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
+    check_carry(carry, paced, n_queries, n_repeats, literal_operands)
     spec = SPLITS["in-distribution"]
-    texts, positions, targets, paced_steps = [], [], [], []
+    texts, positions, targets, paced_steps, reads = [], [], [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
         problem = backward_order(problem, rng, backward)
@@ -400,8 +450,13 @@ def training_batch(
         if paced:  # a query `;?x=D` is supervised at D, two characters after its variable
             paced_steps.append([(i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
                            for i in answers if text[i - 3] == "?"])
+        if carry:  # drawn only with the option: data streams without it stay as they were
+            reads.append(read_digits(statements, problem.target) if rng.random() < carry else None)
     encoder = encoder or _Encoder(tokenizer)
-    return encoder(texts, positions, targets=targets or None, paced_steps=paced_steps if paced else None)
+    batch = encoder(texts, positions, targets=targets or None, paced_steps=paced_steps if paced else None)
+    if carry:
+        batch["step_input_ids"] = carry_inputs(batch["input_ids"], reads, [encoder.ids[d] for d in string.digits], rng)
+    return batch
 
 
 class ChainBatches:
@@ -426,13 +481,14 @@ class ChainBatches:
         backward: float = 0.0,
         paced: bool = False,
         paced_offsets: float = 0.0,
+        carry: float = 0.0,
         start: int = 0,
     ) -> None:
         self.encoder = _Encoder(tokenizer)
         self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
         self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
         self.statement_values, self.backward = statement_values, backward
-        self.paced, self.paced_offsets = paced, paced_offsets
+        self.paced, self.paced_offsets, self.carry = paced, paced_offsets, carry
         self.hops, self.hop_weights, self.index = hops, hop_weights, _check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -450,6 +506,7 @@ class ChainBatches:
             backward=self.backward,
             paced=self.paced,
             paced_offsets=self.paced_offsets,
+            carry=self.carry,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

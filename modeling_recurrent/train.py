@@ -29,7 +29,15 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
-from .chain_task import SPLITS, ChainBatches, build_tokenizer, check_probability, evaluate_first_token, paced_labels
+from .chain_task import (
+    SPLITS,
+    ChainBatches,
+    build_tokenizer,
+    check_carry,
+    check_probability,
+    evaluate_first_token,
+    paced_labels,
+)
 from .modeling_recurrent_depth import sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
@@ -71,6 +79,7 @@ class TrainArgs:
     chain_backward: float = 0.0
     chain_paced: bool = False
     chain_paced_offsets: float = 0.0
+    chain_carry: float = 0.0  # chance that a problem's steps see only the digits of its chain they read
     chain_curriculum: bool = True
     chain_start_hops: int = 1
     chain_advance_at: float = 0.8
@@ -88,10 +97,19 @@ class TrainArgs:
             _require(name, getattr(self, name), (int, float), lambda v: v > 0, "a number > 0")
         _require("weight_decay", self.weight_decay, (int, float), lambda v: v >= 0, "a number >= 0")
         for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands", "chain_backward",
-                     "chain_paced_offsets"):
+                     "chain_paced_offsets", "chain_carry"):
             check_probability(_option(name), getattr(self, name))
         if self.chain_paced_offsets and not self.chain_paced:
             raise ValueError("--chain-paced-offsets labels the steps of --chain-paced: give both")
+        if self.chain_carry:
+            if not self.deep_supervision:
+                raise ValueError("--chain-carry needs --deep-supervision: each recurrence step gets its own input")
+            try:
+                check_carry(self.chain_carry, self.chain_paced, self.chain_queries, self.chain_repeats,
+                            self.chain_literal_operands)
+            except ValueError:
+                raise ValueError("--chain-carry needs --chain-paced, --chain-queries 1, --chain-repeats 0 and "
+                                 "--chain-literal-operands 0: it hides the digits of the target's chain") from None
         if self.deep_supervision and self.fsdp:
             raise ValueError("--deep-supervision reads the model out between its own forward's parts, which FSDP "
                              "does not gather: use DDP (drop --fsdp)")
@@ -216,13 +234,24 @@ class StepwiseLoss(torch.nn.Module):
         input_states: torch.Tensor,
         num_items_in_batch: torch.Tensor,
         chase_labels: torch.Tensor | None = None,
+        step_input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean over the steps with gradient of the causal-LM loss (labels (B, T), chase_labels (B, T, L))."""
+        """Mean over the steps with gradient of the causal-LM loss (labels (B, T), chase_labels (B, T, L)). With
+        `step_input_ids` (B, T, S) step r injects the prelude output of column min(r, S) - 1 (`carry_inputs`)."""
         lm = causal_lm(self.model)
         base = lm.transformer
-        x, ctx = base.encode(input_ids, attention_mask)
         states: list[torch.Tensor] = []
-        base.iterate(base.initial_state(x, input_states, False, None, 0.0), x, ctx, num_steps, record=states.append)
+        if step_input_ids is None:
+            x, ctx = base.encode(input_ids, attention_mask)
+            base.iterate(base.initial_state(x, input_states, False, None, 0.0), x, ctx, num_steps, states.append)
+        else:  # one prelude pass over every column at once; the context is the same for all of them
+            batch, width, columns = step_input_ids.shape
+            xs, ctx = base.encode(step_input_ids.permute(2, 0, 1).reshape(-1, width), attention_mask.repeat(columns, 1))
+            xs, ctx = xs.view(columns, batch, width, -1), ctx.select(torch.arange(batch))
+            state = base.initial_state(xs[0], input_states, False, None, 0.0)
+            for step in range(sum(num_steps)):
+                split = (1, 0) if step < num_steps[0] else (0, 1)
+                state = base.iterate(state, xs[min(step, columns - 1)], ctx, split, states.append, first_step=step)
         losses = []
         for depth, state in enumerate(states[num_steps[0] :], start=num_steps[0] + 1):
             step_labels = labels if chase_labels is None else paced_labels(labels, chase_labels, depth)
@@ -375,7 +404,8 @@ class Trainer:
             self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
                                        n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands,
                                        statement_values=args.chain_statement_values, backward=args.chain_backward,
-                                       paced=args.chain_paced, paced_offsets=args.chain_paced_offsets)
+                                       paced=args.chain_paced, paced_offsets=args.chain_paced_offsets,
+                                       carry=args.chain_carry)
         most = self._max_hops()
         if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
             self._chain.hops, self._chain.hop_weights = (0, most), None
@@ -413,6 +443,7 @@ class Trainer:
         )
         batch = dict(batch)
         chase = batch.pop("chase_labels", None)
+        per_step = {"step_input_ids": batch.pop("step_input_ids")} if "step_input_ids" in batch else {}
         if chase is not None and not self.args.deep_supervision:
             # --chain-paced: what a query is labelled with depends on the depth just drawn
             batch["labels"] = paced_labels(batch["labels"], chase, sum(depth))
@@ -423,7 +454,7 @@ class Trainer:
         inputs = dict(batch, num_steps=depth, input_states=self._initial_states(batch),
                       num_items_in_batch=total.to(torch.float32))
         deep = self.args.deep_supervision
-        step_loss = self.ddp(**inputs, chase_labels=chase) if deep else self.ddp(**inputs).loss
+        step_loss = self.ddp(**inputs, chase_labels=chase, **per_step) if deep else self.ddp(**inputs).loss
         # DDP averages gradients over ranks; the loss is a sum over this rank's tokens / global token count.
         (step_loss * self.world).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
@@ -570,6 +601,9 @@ _HELP = {
     "chain_paced_offsets": "with --chain-paced: chance that a query's label at a step before its chain is resolved "
     "is the running offset (`2` for `g=d-8`: value(g) - value(d)) instead of the variable reached, so the readout "
     "also names the sum the look-ups so far add",
+    "chain_carry": "with --chain-paced, --deep-supervision, --chain-queries 1, --chain-repeats 0: chance that a "
+    "problem is trained with recurrence step r seeing its target chain's digits only in the statement the walk reads "
+    "at step r (wrong digits elsewhere), so the running offset has to be carried in the state, not re-read",
     "text_field": "text data: the .jsonl field holding the text",
 }
 

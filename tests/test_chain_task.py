@@ -15,11 +15,13 @@ from modeling_recurrent.chain_task import (
     accuracy_by_hops,
     backward_order,
     build_tokenizer,
+    carry_inputs,
     chase,
     evaluate_first_token,
     generate_problem,
     paced_labels,
     paced_targets,
+    read_digits,
     resolved_statement_targets,
     sample_problems,
     substitute_operands,
@@ -447,3 +449,45 @@ def test_paced_offsets_reach_the_batches():
     chase_ids = batch["chase_labels"][batch["chase_labels"] != -100]
     assert chase_ids.numel() > 20
     assert set(tok.convert_ids_to_tokens(chase_ids.tolist())) <= set(string.digits)  # offsets only
+
+
+def test_read_digits_follow_the_walk_one_statement_per_step():
+    statements = SPEC_EXAMPLE[:-4].split(";")
+    assert [SPEC_EXAMPLE[i] for i in read_digits(statements, "g")] == ["8", "0"]  # g=d-8, then d=0
+    assert [SPEC_EXAMPLE[i] for i in read_digits(statements, "q")] == ["3", "9"]
+    assert [SPEC_EXAMPLE[i] for i in read_digits(statements, "t")] == ["9", "6"]
+
+
+def test_carry_inputs_show_each_step_only_the_digit_it_reads():
+    tok = build_tokenizer()
+    batch = training_batch(tok, random.Random(4), 32, (0, 5), 1, n_repeats=0, paced=True, carry=0.75)
+    ids, steps = batch["input_ids"], batch["step_input_ids"]
+    hidden, paths = 0, []
+    for row in range(len(ids)):
+        text = row_text(tok, ids[row], batch["attention_mask"][row])
+        statements = written_statements(text)
+        rules = parse(statements)
+        path = walk(rules, QUERY.search(text).group(1))
+        paths.append(path)
+        ends = {s[0]: len(";".join(statements[: k + 1])) - 1 for k, s in enumerate(statements)}
+        reads = [ends[name] for name in path]  # the digit ends each statement
+        changed = steps[row] != ids[row, :, None]  # (T, L)
+        if not changed.any():
+            continue  # a row trained as written
+        hidden += 1
+        for column in range(steps.shape[-1]):
+            shown = {reads[column]} if column < len(reads) else set()
+            assert set(changed[:, column].nonzero().flatten().tolist()) == set(reads) - shown, (text, column)
+            wrong = tok.convert_ids_to_tokens(steps[row, sorted(set(reads) - shown), column].tolist())
+            assert all(digit in string.digits for digit in wrong)
+    assert 12 < hidden < 32
+    assert steps.shape == (*ids.shape, 1 + max(map(len, paths)))
+    assert "step_input_ids" not in training_batch(tok, random.Random(4), 4, (0, 5), 1, n_repeats=0, paced=True)
+    for bad in ({"paced": False}, {"n_queries": 2}, {"n_repeats": 1}, {"literal_operands": 0.5}):
+        options = {"paced": True, "n_queries": 1, "n_repeats": 0, **bad}
+        with pytest.raises(ValueError, match="carry hides the digits"):
+            training_batch(tok, random.Random(0), 2, (0, 2), carry=0.5, **options)
+    with pytest.raises(ValueError, match="carry"):
+        training_batch(tok, random.Random(0), 2, (0, 2), 1, n_repeats=0, paced=True, carry=2)
+    every = carry_inputs(ids[:1], [None], list(range(10)), random.Random(0))
+    assert torch.equal(every, ids[:1, :, None])

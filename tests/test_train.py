@@ -296,3 +296,37 @@ def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tm
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="--deep-supervision.*--fsdp"):
         TrainArgs(out="x", deep_supervision=True, fsdp=True)
+
+
+def test_carry_option_gives_each_step_the_input_of_its_column(tmp_path):
+    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
+            "--set", "mean_backprop_depth=3", "--chain-paced", "--deep-supervision", "--chain-queries", "1",
+            "--chain-repeats", "0", "--chain-carry", "1", "--warmup", "0"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    batch = trainer.global_batch()
+    assert batch["step_input_ids"].shape[:2] == batch["input_ids"].shape
+    plain = {k: v for k, v in batch.items() if k not in ("chase_labels", "step_input_ids")}
+    common = dict(plain, input_states=trainer._initial_states(batch), chase_labels=batch["chase_labels"],
+                  num_items_in_batch=(batch["labels"][:, 1:] != -100).sum().float())
+    ids = batch["input_ids"]
+    other = torch.where(ids > 2, torch.randint(3, 44, ids.shape), ids)
+    first_only = torch.stack([ids, other], dim=-1)  # step 1 sees the text, every later step another one
+    for steps, same in (((0, 1), True), ((1, 1), False), ((0, 3), False)):
+        loss = trainer.ddp(**common, num_steps=steps)
+        columns = trainer.ddp(**common, num_steps=steps, step_input_ids=first_only)
+        assert torch.allclose(loss, columns) == same, steps
+    unchanged = trainer.ddp(**common, num_steps=(1, 2), step_input_ids=ids[..., None].repeat(1, 1, 3))
+    torch.testing.assert_close(unchanged, trainer.ddp(**common, num_steps=(1, 2)))
+    assert unchanged.requires_grad
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step(batch)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters(), strict=True))
+    assert "step_input_ids" in batch  # the caller's batch is left as it was
+    with pytest.raises(ValueError, match="--chain-carry needs --deep-supervision"):
+        TrainArgs(out="x", chain_carry=0.5, chain_paced=True, chain_queries=1, chain_repeats=0)
+    with pytest.raises(ValueError, match="--chain-carry needs --chain-paced, --chain-queries 1"):
+        TrainArgs(out="x", chain_carry=0.5, chain_paced=True, deep_supervision=True)
+    with pytest.raises(ValueError, match="--chain-carry"):
+        TrainArgs(out="x", chain_carry=1.5)
