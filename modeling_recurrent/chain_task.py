@@ -195,11 +195,18 @@ def read_digits(statements: Sequence[str], name: str) -> list[int]:
     """Character indices in `";".join(statements)` of the digits a look-up from `name` reads, one per recurrence step:
     at step r the digit of the statement defining `chase(statements, name)[r - 1]` (`[8, 2]` for `d=0;g=d-8`,
     from `g`: first `g=d-8`'s 8, then `d=0`'s 0)."""
-    ends, end = {}, -1
+    digit = {statement[0]: end - 1 for statement, end in zip(statements, _separators(statements), strict=True)}
+    return [digit[v] for v in chase(statements, name)]
+
+
+def _separators(statements: Sequence[str]) -> list[int]:
+    """Index in `";".join(statements) + ";"` of the `;` after each statement (each statement's last digit is just
+    before it)."""
+    ends, end = [], -1
     for statement in statements:
-        end += 1 + len(statement)  # the `;` after this statement; its digit comes just before
-        ends[statement[0]] = end - 1
-    return [ends[v] for v in chase(statements, name)]
+        end += 1 + len(statement)
+        ends.append(end)
+    return ends
 
 
 def check_carry(carry: object, paced: bool, n_queries: int, n_repeats: int, literal_operands: float) -> float:
@@ -229,12 +236,17 @@ def carry_inputs(
     depth = 1 + max((len(r) for r in reads if r is not None), default=0)
     steps = input_ids[..., None].repeat(1, 1, depth)
     digit_of = {int(i): d for d, i in enumerate(digit_ids)}
+    cells = []  # (row, position, step, wrong id)
     for row, positions in enumerate(reads):
-        for step in range(depth if positions is not None else 0):
-            for k, col in enumerate(positions):
-                if k != step:
-                    wrong = (digit_of[int(input_ids[row, col])] + rng.randint(1, MODULUS - 1)) % MODULUS
-                    steps[row, col, step] = digit_ids[wrong]
+        if positions is None:
+            continue
+        true = [digit_of[i] for i in input_ids[row, positions].tolist()]
+        for step in range(depth):
+            cells.extend((row, col, step, digit_ids[(true[k] + rng.randint(1, MODULUS - 1)) % MODULUS])
+                         for k, col in enumerate(positions) if k != step)
+    if cells:  # one indexed write for the whole batch
+        rows, cols, columns, ids = map(list, zip(*cells, strict=True))
+        steps[rows, cols, columns] = torch.tensor(ids)
     return steps
 
 
@@ -266,9 +278,8 @@ def resolved_statement_targets(statements: Sequence[str], values: dict[str, int]
     A causal model can resolve only these (the others need a later statement); supervising them teaches each
     position to hold its variable's value."""
     resolved: set[str] = set()
-    targets, end = [], -1
-    for statement in statements:
-        end += 1 + len(statement)  # index of the `;` after this statement
+    targets = []
+    for statement, end in zip(statements, _separators(statements), strict=True):
         operand = statement[2]
         if operand.isdigit() or operand in resolved:
             resolved.add(statement[0])

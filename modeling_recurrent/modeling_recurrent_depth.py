@@ -758,12 +758,11 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
-        x, ctx = self.encode(
-            input_ids, attention_mask, position_ids, cache, inputs_embeds, hidden.append if hidden is not None else None
-        )
+        record = hidden.append if hidden is not None else None
+        x, ctx = self.encode(input_ids, attention_mask, position_ids, cache, inputs_embeds, record)
         state = self.initial_state(x, input_states, warm_start, cache, init_scale)
         if criterion is None:
-            state = self.iterate(state, x, ctx, steps, record=hidden.append if hidden is not None else None)
+            state = self.iterate(state, x, ctx, steps, record=record)
             steps_used = torch.full((x.shape[0],), sum(steps), dtype=torch.long, device=x.device)
         else:
             state, steps_used = self.iterate_adaptive(state, x, ctx, sum(steps), criterion, min_steps, head)

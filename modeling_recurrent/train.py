@@ -240,18 +240,17 @@ class StepwiseLoss(torch.nn.Module):
         `step_input_ids` (B, T, S) step r injects the prelude output of column min(r, S) - 1 (`carry_inputs`)."""
         lm = causal_lm(self.model)
         base = lm.transformer
+        # Without per-step inputs the text itself is the one column. Columns no step reaches are dropped; the prelude
+        # runs once over all the others, whose context is the same.
+        columns = input_ids[..., None] if step_input_ids is None else step_input_ids[..., : sum(num_steps)]
+        batch, width, count = columns.shape
+        xs, ctx = base.encode(columns.permute(2, 0, 1).reshape(-1, width), attention_mask.repeat(count, 1))
+        xs, ctx = xs.view(count, batch, width, -1), ctx.select(torch.arange(batch))
+        state = base.initial_state(xs[0], input_states, False, None, 0.0)
         states: list[torch.Tensor] = []
-        if step_input_ids is None:
-            x, ctx = base.encode(input_ids, attention_mask)
-            base.iterate(base.initial_state(x, input_states, False, None, 0.0), x, ctx, num_steps, states.append)
-        else:  # one prelude pass over every column at once; the context is the same for all of them
-            batch, width, columns = step_input_ids.shape
-            xs, ctx = base.encode(step_input_ids.permute(2, 0, 1).reshape(-1, width), attention_mask.repeat(columns, 1))
-            xs, ctx = xs.view(columns, batch, width, -1), ctx.select(torch.arange(batch))
-            state = base.initial_state(xs[0], input_states, False, None, 0.0)
-            for step in range(sum(num_steps)):
-                split = (1, 0) if step < num_steps[0] else (0, 1)
-                state = base.iterate(state, xs[min(step, columns - 1)], ctx, split, states.append, first_step=step)
+        for step in range(sum(num_steps)):
+            split = (1, 0) if step < num_steps[0] else (0, 1)
+            state = base.iterate(state, xs[min(step, count - 1)], ctx, split, states.append, first_step=step)
         losses = []
         for depth, state in enumerate(states[num_steps[0] :], start=num_steps[0] + 1):
             step_labels = labels if chase_labels is None else paced_labels(labels, chase_labels, depth)
