@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time torch.compile'd static-cache decode (compiles twice per preset)",
+        help="also time torch.compile'd static-cache decode (compiles twice per preset; on by default)",
     )
     parser.add_argument(
         "--compile-llama",

@@ -562,11 +562,13 @@ def evaluate_first_token(
     """
     problems = sample_problems(split, n, seed, max_hops=max_hops)
     encoder, predictions = _Encoder(tokenizer), []
+    device = getattr(model, "device", torch.device("cpu"))  # a PreTrainedModel's; plain modules run on the CPU
     for begin in range(0, len(problems), batch_size):
         chunk = [p.prompt for p in problems[begin : begin + batch_size]]
         batch = encoder(chunk, [[] for _ in chunk], eos=False)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs).logits
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, **forward_kwargs).logits
         # Right padding: each row's prediction is read at its own last prompt character.
-        ids = logits[torch.arange(len(chunk)), batch["attention_mask"].sum(1) - 1].argmax(-1)
-        predictions.extend(token or "" for token in tokenizer.convert_ids_to_tokens(ids.tolist()))
+        best = logits[torch.arange(len(chunk), device=mask.device), mask.sum(1) - 1].argmax(-1)
+        predictions.extend(token or "" for token in tokenizer.convert_ids_to_tokens(best.tolist()))
     return accuracy_by_hops(predictions, problems)

@@ -127,12 +127,17 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def distributed_setup() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
+def distributed_setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun. With CUDA each process
+    trains on the GPU of its LOCAL_RANK (nccl), else on the CPU (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world, device) if world > 1 else (0, 1, device)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -245,7 +250,7 @@ class StepwiseLoss(torch.nn.Module):
         columns = input_ids[..., None] if step_input_ids is None else step_input_ids[..., : sum(num_steps)]
         batch, width, count = columns.shape
         xs, ctx = base.encode(columns.permute(2, 0, 1).reshape(-1, width), attention_mask.repeat(count, 1))
-        xs, ctx = xs.view(count, batch, width, -1), ctx.select(torch.arange(batch))
+        xs, ctx = xs.view(count, batch, width, -1), ctx.select(torch.arange(batch, device=input_ids.device))
         state = base.initial_state(xs[0], input_states, False, None, 0.0)
         states: list[torch.Tensor] = []
         for step in range(sum(num_steps)):
@@ -265,7 +270,7 @@ class Trainer:
 
     def __init__(self, args: TrainArgs):
         self.args = args
-        self.rank, self.world = distributed_setup()
+        self.rank, self.world, self.device = distributed_setup()
         if args.batch_size % self.world:
             raise ValueError(
                 f"--batch-size {args.batch_size} must be divisible by the number of processes {self.world}"
@@ -285,6 +290,7 @@ class Trainer:
         self._blocks: torch.Tensor | None = None
         self._chain: ChainBatches | None = None
         state = self._load_state()
+        self.model.to(self.device)
         # The optimizer is built after sharding: FSDP replaces the parameters with sharded ones.
         self.ddp = self._parallel()
         self.optimizer = torch.optim.AdamW(
@@ -307,7 +313,8 @@ class Trainer:
         if self.world == 1:
             return module
         if not self.sharded:
-            return torch.nn.parallel.DistributedDataParallel(module)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         from torch.distributed.fsdp import fully_shard
 
         for block in (*self.model.transformer.prelude, *self.model.transformer.coda):
@@ -413,8 +420,8 @@ class Trainer:
         return self._chain.batch(self.step)
 
     def local_batch(self) -> dict[str, torch.Tensor]:
-        """This rank's rows of the global batch."""
-        return {k: v[self.rank :: self.world] for k, v in self.global_batch().items()}
+        """This rank's rows of the global batch, on this rank's device."""
+        return {k: v[self.rank :: self.world].to(self.device) for k, v in self.global_batch().items()}
 
     def _max_hops(self) -> int:
         """Most hops of the chain problems trained and evaluated on now (0 up to it)."""
@@ -423,14 +430,14 @@ class Trainer:
 
     def _initial_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's rows of the global batch's random initial states, drawn from a generator seeded by the step,
-        so that any number of ranks (and a resumed run) start from the same states."""
+        so that any number of ranks (and a resumed run) start from the same states, on any device."""
         base = causal_lm(self.model)
         rows, width = batch["input_ids"].shape[0] * self.world, batch["input_ids"].shape[1]
         with torch.random.fork_rng():
             torch.manual_seed(self.args.seed * 1_000_003 + self.step)
             zeros = torch.zeros(rows, width, self.config.hidden_size, dtype=base.dtype)
             states = base.transformer.initialize_state(zeros, self.config.init_scale)
-        return states[self.rank :: self.world]
+        return states[self.rank :: self.world].to(self.device)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """One optimizer step on this rank's slice; returns (global mean loss, tokens processed here)."""
@@ -485,6 +492,7 @@ class Trainer:
             }
         else:
             batch = text_batch(self._blocks, self.args.batch_size, self.args.seed + 1, 0)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             result = {
                 f"loss@{r}": float(self.model(**batch, num_steps=r, init_scale=0.0).loss) for r in self.args.eval_steps
             }
@@ -600,7 +608,8 @@ _HELP = {
     "chain_paced_offsets": "with --chain-paced: chance that a query's label at a step before its chain is resolved "
     "is the running offset (`2` for `g=d-8`: value(g) - value(d)) instead of the variable reached, so the readout "
     "also names the sum the look-ups so far add",
-    "chain_carry": "with --chain-paced, --deep-supervision, --chain-queries 1, --chain-repeats 0: chance that a "
+    "chain_carry": "with --chain-paced, --deep-supervision, --chain-queries 1, --chain-repeats 0 and "
+    "--chain-literal-operands 0: chance that a "
     "problem is trained with recurrence step r seeing its target chain's digits only in the statement the walk reads "
     "at step r (wrong digits elsewhere), so the running offset has to be carried in the state, not re-read",
     "text_field": "text data: the .jsonl field holding the text",
@@ -621,7 +630,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a config field, e.g. --set hidden_size=256 (repeatable)",
+        help="override a config field, e.g. --set hidden_size=256 (JSON values; other text as a string; repeatable)",
     )
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, or the chain tokenizer)")
     for name, help_text in _HELP.items():
@@ -658,7 +667,10 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" or value in ("null",) else value
+        try:  # numbers, lists, true/false/null as JSON; anything else (e.g. dtype=float16) as the string given
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     try:
         steps = [int(s) for s in ns.eval_steps.split(",") if s.strip()]
     except ValueError:

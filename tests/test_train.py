@@ -152,6 +152,18 @@ def test_bad_values_on_the_command_line_exit_with_the_message(tmp_path, capsys):
         assert extra[0] in capsys.readouterr().err
 
 
+def test_set_reads_json_values_and_keeps_other_text_as_a_string():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    values = ["hidden_size=32", "tie_word_embeddings=false", "dtype=float16", "name=-x", "rope_scaling=null"]
+    ns = parser.parse_args(["--out", "x", *[arg for value in values for arg in ("--set", value)]])
+    assert args_from_namespace(ns).config_overrides == {
+        "hidden_size": 32, "tie_word_embeddings": False, "dtype": "float16", "name": "-x", "rope_scaling": None
+    }
+    with pytest.raises(ValueError, match="--set expects FIELD=VALUE"):
+        args_from_namespace(parser.parse_args(["--out", "x", "--set", "hidden_size"]))
+
+
 def test_every_option_has_help():
     import argparse
 
