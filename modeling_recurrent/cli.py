@@ -80,8 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# optional dependency (top-level module) -> the extra of setup.cfg that installs it
+EXTRAS = {"lm_eval": "eval", "datasets": "train", "peft": "train"}
+
+
+def _missing(error: ImportError) -> str:
+    """What to install for an ImportError of an optional dependency."""
+    extra = EXTRAS.get((error.name or "").split(".")[0])
+    hint = f' (pip install "modeling-recurrent[{extra}]")' if extra else ""
+    return f"this command needs an optional dependency: {error}{hint}"
+
+
 def _unavailable(error: ImportError) -> int:
-    print(f"this command needs an optional dependency: {error}", file=sys.stderr)
+    print(_missing(error), file=sys.stderr)
     return 2
 
 
@@ -90,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ImportError as error:  # imported only when an option needs it (datasets for text data, peft for LoRA)
+        if error.name is None or error.name.split(".")[0] not in EXTRAS:
+            raise
+        parser.exit(2, f"recurrent-depth {args.command}: error: {_missing(error)}\n")
     except (ValueError, OSError) as error:  # OSError: missing, unreadable or corrupt files
         parser.exit(2, f"recurrent-depth {args.command}: error: {error}\n")
 

@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+import modeling_recurrent
+from modeling_recurrent.cli import _missing, build_parser, main
+
+SHIPPED = Path(modeling_recurrent.__file__).parent / "checkpoints" / "chain-tiny"
+
+
+def test_every_command_is_listed():
+    help_text = build_parser().format_help()
+    assert all(name in help_text for name in ("demo", "train", "convert", "upload", "eval", "trace", "bench"))
+
+
+def test_a_missing_optional_dependency_names_the_extra_to_install(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.jsonl").write_text('{"text": "hello"}\n')
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "run"), "--config", "tiny", "--steps", "1",
+              "--data", str(tmp_path / "notes.jsonl"), "--tokenizer", str(SHIPPED)])
+    assert exit_info.value.code == 2
+    assert 'pip install "modeling-recurrent[train]"' in capsys.readouterr().err
+
+
+def test_the_extra_follows_the_missing_module():
+    assert "[eval]" in _missing(ModuleNotFoundError("no lm_eval", name="lm_eval.api"))
+    assert "[train]" in _missing(ModuleNotFoundError("no peft", name="peft"))
+    assert "pip install" not in _missing(ModuleNotFoundError("no foo", name="foo"))
