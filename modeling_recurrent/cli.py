@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
         except ImportError as error:  # a subcommand whose optional dependencies are missing
             cmd = sub.add_parser(name, help=f"{help_text} (unavailable: {error})")
-            cmd.set_defaults(func=lambda args, error=error: _unavailable(error))
+            cmd.set_defaults(func=lambda args, error=error: _unavailable(error), unavailable=True)
             continue
         if not hasattr(module, "add_arguments"):  # the module builds its own subparser (convert, upload)
             getattr(module, f"add_{name}_parser")(sub)
@@ -98,7 +98,9 @@ def _unavailable(error: ImportError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "unavailable", False):  # an unavailable command names its extra whatever it got
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except ImportError as error:  # imported only when an option needs it (datasets for text data, peft for LoRA)

@@ -28,3 +28,10 @@ def test_the_extra_follows_the_missing_module():
     assert "[eval]" in _missing(ModuleNotFoundError("no lm_eval", name="lm_eval.api"))
     assert "[train]" in _missing(ModuleNotFoundError("no peft", name="peft"))
     assert "pip install" not in _missing(ModuleNotFoundError("no foo", name="foo"))
+
+
+def test_a_command_without_its_extra_takes_any_options_and_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.delitem(sys.modules, "modeling_recurrent.evaluate", raising=False)
+    assert main(["eval", "--print-task-path"]) == 2
+    assert 'pip install "modeling-recurrent[eval]"' in capsys.readouterr().err
