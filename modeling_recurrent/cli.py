@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
+
+from packaging.requirements import Requirement
+
+DISTRIBUTION = "modeling-recurrent"
 
 # subcommand -> (module, one-line help, example); each module has add_arguments(parser) and run(args), or builds
 # its own subparser with add_<name>_parser(subparsers).
@@ -80,19 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# optional dependency (top-level module) -> the extra of setup.cfg that installs it
-EXTRAS = {"lm_eval": "eval", "datasets": "train", "peft": "train"}
+def extra_for(error: ImportError) -> str | None:
+    """The extra of the installed package (setup.cfg's, read from its metadata) that installs the module an
+    ImportError names (`lm_eval` -> `eval`), or None; `test` only when no other extra has it."""
+    module = (error.name or "").split(".")[0]
+    try:
+        requirements = [Requirement(line) for line in metadata.requires(DISTRIBUTION) or []]
+        extras = metadata.metadata(DISTRIBUTION).get_all("Provides-Extra") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return None
+    for extra in sorted(extras, key=lambda name: name == "test"):
+        for requirement in requirements:
+            installs = requirement.marker is not None and requirement.marker.evaluate({"extra": extra})
+            if installs and requirement.name.lower().replace("-", "_") == module:
+                return extra
+    return None
 
 
-def _missing(error: ImportError) -> str:
-    """What to install for an ImportError of an optional dependency."""
-    extra = EXTRAS.get((error.name or "").split(".")[0])
-    hint = f' (pip install "modeling-recurrent[{extra}]")' if extra else ""
+def _missing(error: ImportError, extra: str | None) -> str:
+    hint = f' (pip install "{DISTRIBUTION}[{extra}]")' if extra else ""
     return f"this command needs an optional dependency: {error}{hint}"
 
 
 def _unavailable(error: ImportError) -> int:
-    print(_missing(error), file=sys.stderr)
+    print(_missing(error, extra_for(error)), file=sys.stderr)
     return 2
 
 
@@ -104,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ImportError as error:  # imported only when an option needs it (datasets for text data, peft for LoRA)
-        if error.name is None or error.name.split(".")[0] not in EXTRAS:
+        extra = extra_for(error)
+        if extra is None:  # not an optional dependency: a real bug, keep its traceback
             raise
-        parser.exit(2, f"recurrent-depth {args.command}: error: {_missing(error)}\n")
+        parser.exit(2, f"recurrent-depth {args.command}: error: {_missing(error, extra)}\n")
     except (ValueError, OSError) as error:  # OSError: missing, unreadable or corrupt files
         parser.exit(2, f"recurrent-depth {args.command}: error: {error}\n")
 

@@ -609,9 +609,9 @@ _HELP = {
     "is the running offset (`2` for `g=d-8`: value(g) - value(d)) instead of the variable reached, so the readout "
     "also names the sum the look-ups so far add",
     "chain_carry": "with --chain-paced, --deep-supervision, --chain-queries 1, --chain-repeats 0 and "
-    "--chain-literal-operands 0: chance that a "
-    "problem is trained with recurrence step r seeing its target chain's digits only in the statement the walk reads "
-    "at step r (wrong digits elsewhere), so the running offset has to be carried in the state, not re-read",
+    "--chain-literal-operands 0: chance that a problem is trained with recurrence step r seeing its target chain's "
+    "digits only in the statement the walk reads at step r (wrong digits elsewhere), so the running offset has to be "
+    "carried in the state, not re-read",
     "text_field": "text data: the .jsonl field holding the text",
 }
 

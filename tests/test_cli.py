@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 import modeling_recurrent
-from modeling_recurrent.cli import _missing, build_parser, main
+from modeling_recurrent.cli import build_parser, extra_for, main
 
 SHIPPED = Path(modeling_recurrent.__file__).parent / "checkpoints" / "chain-tiny"
 
@@ -25,9 +25,9 @@ def test_a_missing_optional_dependency_names_the_extra_to_install(tmp_path, monk
 
 
 def test_the_extra_follows_the_missing_module():
-    assert "[eval]" in _missing(ModuleNotFoundError("no lm_eval", name="lm_eval.api"))
-    assert "[train]" in _missing(ModuleNotFoundError("no peft", name="peft"))
-    assert "pip install" not in _missing(ModuleNotFoundError("no foo", name="foo"))
+    assert extra_for(ModuleNotFoundError("no lm_eval", name="lm_eval.api")) == "eval"
+    assert extra_for(ModuleNotFoundError("no peft", name="peft")) == "train"
+    assert extra_for(ModuleNotFoundError("no foo", name="foo")) is None
 
 
 def test_a_command_without_its_extra_takes_any_options_and_names_the_extra(monkeypatch, capsys):
