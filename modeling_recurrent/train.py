@@ -70,7 +70,7 @@ class TrainArgs:
     save_every: int = 200
     activation_checkpointing: bool = False
     deep_supervision: bool = False  # a loss after every recurrence step with gradient, not only the last
-    lens_weight: float = 0.0  # with deep_supervision: weight of each step's labels read from the state (logit lens)
+    direct_readout_weight: float = 0.0  # with deep_supervision: weight of each step's loss read without the coda
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0
     text_field: str = "text"
@@ -97,10 +97,10 @@ class TrainArgs:
             _require(name, getattr(self, name), int, lambda v, low=low: v >= low, f"an integer >= {low}")
         for name in ("lr", "grad_clip", "chain_frontier_weight"):
             _require(name, getattr(self, name), (int, float), lambda v: v > 0, "a number > 0")
-        for name in ("weight_decay", "lens_weight"):
+        for name in ("weight_decay", "direct_readout_weight"):
             _require(name, getattr(self, name), (int, float), lambda v: v >= 0, "a number >= 0")
-        if self.lens_weight and not self.deep_supervision:
-            raise ValueError("--lens-weight weights a loss of --deep-supervision's steps: give both")
+        if self.direct_readout_weight and not self.deep_supervision:
+            raise ValueError("--direct-readout-weight weights a loss of --deep-supervision's steps: give both")
         for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands", "chain_backward",
                      "chain_paced_offsets", "chain_carry"):
             check_probability(_option(name), getattr(self, name))
@@ -230,15 +230,15 @@ class StepwiseLoss(torch.nn.Module):
     With `--chain-paced` step r is labelled for depth r (`paced_labels`), which makes every step of a chain's walk
     a target in every batch instead of only the one depth drawn. A module of its own so that DDP wraps one forward.
 
-    `lens_weight` adds each step's loss read from the state itself (`ln_f` and the head, no coda): the coda attends
-    to every position, so it can answer by re-reading the prompt, while the logit lens counts only what the state
-    at the answering position holds.
+    `direct_weight` adds each step's loss read from the state directly (`ln_f` and the head, without the coda):
+    the coda attends to every position, so it can answer by re-reading the prompt, while the direct readout counts
+    only what the state at the answering position holds.
     """
 
-    def __init__(self, model: torch.nn.Module, lens_weight: float = 0.0):
+    def __init__(self, model: torch.nn.Module, direct_weight: float = 0.0):
         super().__init__()
         self.model = model
-        self.lens_weight = lens_weight
+        self.direct_weight = direct_weight
 
     def forward(
         self,
@@ -271,9 +271,10 @@ class StepwiseLoss(torch.nn.Module):
             step_labels = labels if chase_labels is None else paced_labels(labels, chase_labels, depth)
             loss = partial(lm.loss_function, labels=step_labels, vocab_size=lm.config.vocab_size,
                            num_items_in_batch=num_items_in_batch)
-            losses.append(loss(logits=base.readout(state, ctx, lm.lm_head)))
-            if self.lens_weight:
-                losses[-1] = losses[-1] + self.lens_weight * loss(logits=lm.lm_head(base.ln_f(state)).float())
+            step_loss = loss(logits=base.readout(state, ctx, lm.lm_head))
+            if self.direct_weight:
+                step_loss = step_loss + self.direct_weight * loss(logits=lm.lm_head(base.ln_f(state)).float())
+            losses.append(step_loss)
         return torch.stack(losses).mean()
 
 
@@ -321,7 +322,7 @@ class Trainer:
         """The module the training step calls: the model itself (one process), DDP, or the model sharded in place
         with FSDP2 (`--fsdp`): each prelude and coda block is a unit gathered for its own forward; the core blocks
         stay in the root unit, gathered once per forward and kept for every recurrence step."""
-        module = StepwiseLoss(self.model, self.args.lens_weight) if self.args.deep_supervision else self.model
+        module = StepwiseLoss(self.model, self.args.direct_readout_weight) if self.args.deep_supervision else self.model
         if self.world == 1:
             return module
         if not self.sharded:
@@ -625,9 +626,9 @@ _HELP = {
     "digits only in the statement the walk reads at step r (wrong digits elsewhere), so the running offset has to be "
     "carried in the state, not re-read",
     "text_field": "text data: the .jsonl field holding the text",
-    "lens_weight": "with --deep-supervision: also read each step's labels from the state itself through the logit "
-    "lens (final norm and head, no coda), with this weight; the coda can answer by re-reading the prompt, the lens "
-    "only from what the answering position's state holds",
+    "direct_readout_weight": "with --deep-supervision: weight of a second loss per step, read from the state "
+    "directly (final norm and head, without the coda); the coda can answer by re-reading the prompt, the direct "
+    "readout only from what the answering position's state holds",
 }
 
 

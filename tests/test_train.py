@@ -309,34 +309,34 @@ def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tm
         TrainArgs(out="x", deep_supervision=True, fsdp=True)
 
 
-def test_lens_weight_adds_each_steps_loss_read_from_the_state_without_the_coda(tmp_path):
+def test_direct_readout_weight_adds_each_steps_loss_read_from_the_state_without_the_coda(tmp_path):
     args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
             "--set", "mean_backprop_depth=3", "--chain-paced", "--deep-supervision", "--warmup", "0"]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args([*args, "--lens-weight", "0.5"])))
+    trainer = Trainer(args_from_namespace(parser.parse_args([*args, "--direct-readout-weight", "0.5"])))
     batch = trainer.global_batch()
     model, base = trainer.model, trainer.model.transformer
     inputs = dict(batch, input_states=trainer._initial_states(batch),
                   num_items_in_batch=(batch["labels"][:, 1:] != -100).sum().float())
     loss = trainer.ddp(**inputs, num_steps=(0, 2))
-    trainer.ddp.lens_weight = 0.0
+    trainer.ddp.direct_weight = 0.0
     coda_only = trainer.ddp(**inputs, num_steps=(0, 2))
-    with torch.no_grad():  # the logit lens of each step, by hand: the state after r steps, ln_f, head
+    with torch.no_grad():  # each step's direct readout, by hand: the state after r steps, ln_f, head
         xs, ctx = base.encode(batch["input_ids"], batch["attention_mask"])
-        state, lens = inputs["input_states"], []
+        state, direct = inputs["input_states"], []
         for r in range(2):
             state = base.core_step(state, xs, ctx, r)
             labels = paced_labels(batch["labels"], batch["chase_labels"], r + 1)
-            lens.append(model.loss_function(logits=model.lm_head(base.ln_f(state)).float(), labels=labels,
+            direct.append(model.loss_function(logits=model.lm_head(base.ln_f(state)).float(), labels=labels,
                                             vocab_size=model.config.vocab_size,
                                             num_items_in_batch=inputs["num_items_in_batch"]))
-    torch.testing.assert_close(loss, coda_only + 0.5 * torch.stack(lens).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, coda_only + 0.5 * torch.stack(direct).mean(), rtol=1e-5, atol=1e-6)
     assert loss.requires_grad and not torch.allclose(loss, coda_only)
-    with pytest.raises(ValueError, match="--lens-weight.*--deep-supervision"):
-        TrainArgs(out="x", lens_weight=0.5)
-    with pytest.raises(ValueError, match="--lens-weight"):
-        TrainArgs(out="x", deep_supervision=True, lens_weight=-1)
+    with pytest.raises(ValueError, match="--direct-readout-weight.*--deep-supervision"):
+        TrainArgs(out="x", direct_readout_weight=0.5)
+    with pytest.raises(ValueError, match="--direct-readout-weight"):
+        TrainArgs(out="x", deep_supervision=True, direct_readout_weight=-1)
 
 
 def test_carry_option_gives_each_step_the_input_of_its_column(tmp_path):
