@@ -307,8 +307,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .demo import DEFAULT_MODEL
 
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: the shipped chain model)")
-    parser.add_argument("--prompt", required=True, help="the text whose recurrence is traced")
-    parser.add_argument("--num-steps", type=int, default=64, help="recurrence steps (more than --every)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text whose recurrence is traced")
+    what.add_argument(
+        "--walk-probe",
+        action="store_true",
+        help="instead of one prompt: fit linear probes on the answering position's state after each step of fresh "
+        "chain problems (the variable a look-up has reached, the running offset, the answer) and write "
+        "OUT/walk_probe.json",
+    )
+    parser.add_argument(
+        "--num-steps",
+        type=int,
+        default=None,
+        help="recurrence steps (default 64, more than --every; 7 with --walk-probe)",
+    )
+    parser.add_argument("--n-fit", type=int, default=2000, help="--walk-probe: problems the probes are fitted on")
+    parser.add_argument("--n-test", type=int, default=500, help="--walk-probe: other problems they are scored on")
     parser.add_argument("--out", default="trace-out", help="output directory (created if missing)")
     parser.add_argument(
         "--tokens",
@@ -317,7 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the last few tokens and the digits)",
     )
     parser.add_argument("--every", type=int, default=1, help="keep the state of every k-th step")
-    parser.add_argument("--init-scale", type=float, default=None, help="initial state scale (default: config)")
+    parser.add_argument(
+        "--init-scale", type=float, default=None, help="initial state scale (default: config; 0 with --walk-probe)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial state")
 
 
@@ -342,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
     from .demo import load
     from .trace_plots import plot_convergence, plot_exit_histogram, plot_pca
 
+    if args.walk_probe:
+        return run_walk_probe(args)
+    args.num_steps = 64 if args.num_steps is None else args.num_steps
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
     if args.num_steps <= args.every:  # the classifier needs three recorded states: 0, every, ..., num_steps
@@ -405,6 +425,44 @@ def run(args: argparse.Namespace) -> int:
     files[-1].write_text(json.dumps(report, indent=1))
     print_table(traj, texts, classes)
     print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def run_walk_probe(args: argparse.Namespace) -> int:
+    from .demo import load
+    from .walk_probe import format_report, walk_probe
+
+    num_steps = 7 if args.num_steps is None else args.num_steps
+    if num_steps < 1:
+        raise ValueError(f"--num-steps must be >= 1, got {num_steps}")
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such model folder")
+    tokenizer, model = load(args.model)
+    init_scale = 0.0 if args.init_scale is None else args.init_scale
+    torch.manual_seed(args.seed)
+    report = walk_probe(
+        model,
+        tokenizer,
+        num_steps=num_steps,
+        n_fit=args.n_fit,
+        n_test=args.n_test,
+        seed=args.seed,
+        init_scale=init_scale,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "walk_probe.json"
+    settings = {
+        "model": str(args.model),
+        "num_steps": num_steps,
+        "n_fit": args.n_fit,
+        "n_test": args.n_test,
+        "seed": args.seed,
+        "init_scale": init_scale,
+    }
+    path.write_text(json.dumps({**settings, "steps": report}, indent=1))
+    print(format_report(report))
+    print(f"\nwrote {path}")
     return 0
 
 
