@@ -45,3 +45,14 @@ def tiny_model(seed: int = 0, **overrides) -> RecurrentDepthForCausalLM:
 @pytest.fixture
 def model() -> RecurrentDepthForCausalLM:
     return tiny_model()
+
+
+@pytest.fixture
+def chain_model_dir(tmp_path) -> Path:
+    """A saved tiny model with the chain task's tokenizer (vocabulary 44), as the commands load one."""
+    from modeling_recurrent.chain_task import build_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_model(vocab_size=44).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from modeling_recurrent.chain_task import build_tokenizer
 from modeling_recurrent.cli import main
 from modeling_recurrent.generation_recurrent_depth import EXIT_CRITERIA
 from modeling_recurrent.trace import CRITERION_FIRES, classify, exit_steps, record_trajectory, trajectory_features
@@ -146,14 +145,6 @@ def test_classifier_needs_three_points():
     with pytest.raises(ValueError, match="steps >= 3"):
         classify(torch.zeros(2, 8))
     assert classify(torch.ones(3, 8)) == "converging"
-
-
-@pytest.fixture
-def chain_model_dir(tmp_path):
-    folder = tmp_path / "model"
-    tiny_model(vocab_size=44).save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_trace_command_writes_files(chain_model_dir, tmp_path, capsys):

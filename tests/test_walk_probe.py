@@ -80,14 +80,6 @@ def test_walk_probe_reports_every_step_over_walking_and_finished_rows():
         walk_probe(model, tokenizer, n_fit=0)
 
 
-@pytest.fixture
-def chain_model_dir(tmp_path):
-    folder = tmp_path / "model"
-    tiny_model(vocab_size=44).save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_trace_walk_probe_writes_its_report(chain_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     options = ["--n-fit", "30", "--n-test", "10", "--num-steps", "3", "--out", str(out)]
