@@ -322,8 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="recurrence steps (default 64, more than --every; 7 with --walk-probe)",
     )
-    parser.add_argument("--n-fit", type=int, default=2000, help="--walk-probe: problems the probes are fitted on")
-    parser.add_argument("--n-test", type=int, default=500, help="--walk-probe: other problems they are scored on")
+    parser.add_argument("--n-fit", type=int, default=None, help="--walk-probe: fit problems (2000)")
+    parser.add_argument("--n-test", type=int, default=None, help="--walk-probe: other, scored problems (500)")
     parser.add_argument("--out", default="trace-out", help="output directory (created if missing)")
     parser.add_argument(
         "--tokens",
@@ -361,6 +361,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.walk_probe:
         return run_walk_probe(args)
+    if args.n_fit is not None or args.n_test is not None:
+        raise ValueError("--n-fit and --n-test are options of --walk-probe, not of tracing a --prompt")
     args.num_steps = 64 if args.num_steps is None else args.num_steps
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
@@ -432,6 +434,10 @@ def run_walk_probe(args: argparse.Namespace) -> int:
     from .demo import load
     from .walk_probe import format_report, walk_probe
 
+    if args.tokens is not None or args.every != 1:
+        raise ValueError("--tokens and --every choose what a --prompt trace plots and keeps; --walk-probe has neither")
+    args.n_fit = 2000 if args.n_fit is None else args.n_fit
+    args.n_test = 500 if args.n_test is None else args.n_test
     num_steps = 7 if args.num_steps is None else args.num_steps
     if num_steps < 1:
         raise ValueError(f"--num-steps must be >= 1, got {num_steps}")

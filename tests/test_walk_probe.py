@@ -97,6 +97,9 @@ def test_trace_walk_probe_writes_its_report(chain_model_dir, tmp_path, capsys):
         ([], "one of the arguments --prompt --walk-probe is required"),
         (["--walk-probe", "--num-steps", "0"], "--num-steps must be >= 1"),
         (["--walk-probe", "--n-test", "0"], "n_test must be an int >= 1"),
+        (["--walk-probe", "--every", "2"], "--walk-probe has neither"),
+        (["--walk-probe", "--tokens", "1"], "--walk-probe has neither"),
+        (["--prompt", "a=3;?a=", "--num-steps", "3"], "--n-fit and --n-test are options of --walk-probe"),
     ],
 )
 def test_trace_walk_probe_errors(chain_model_dir, tmp_path, capsys, args, message):
