@@ -436,36 +436,24 @@ def run_walk_probe(args: argparse.Namespace) -> int:
 
     if args.tokens is not None or args.every != 1:
         raise ValueError("--tokens and --every choose what a --prompt trace plots and keeps; --walk-probe has neither")
-    args.n_fit = 2000 if args.n_fit is None else args.n_fit
-    args.n_test = 500 if args.n_test is None else args.n_test
-    num_steps = 7 if args.num_steps is None else args.num_steps
-    if num_steps < 1:
-        raise ValueError(f"--num-steps must be >= 1, got {num_steps}")
+    settings = {
+        "model": str(args.model),
+        "num_steps": 7 if args.num_steps is None else args.num_steps,
+        "n_fit": 2000 if args.n_fit is None else args.n_fit,
+        "n_test": 500 if args.n_test is None else args.n_test,
+        "seed": args.seed,
+        "init_scale": 0.0 if args.init_scale is None else args.init_scale,
+    }
+    if settings["num_steps"] < 1:
+        raise ValueError(f"--num-steps must be >= 1, got {settings['num_steps']}")
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such model folder")
     tokenizer, model = load(args.model)
-    init_scale = 0.0 if args.init_scale is None else args.init_scale
     torch.manual_seed(args.seed)
-    report = walk_probe(
-        model,
-        tokenizer,
-        num_steps=num_steps,
-        n_fit=args.n_fit,
-        n_test=args.n_test,
-        seed=args.seed,
-        init_scale=init_scale,
-    )
+    report = walk_probe(model, tokenizer, **{k: v for k, v in settings.items() if k != "model"})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "walk_probe.json"
-    settings = {
-        "model": str(args.model),
-        "num_steps": num_steps,
-        "n_fit": args.n_fit,
-        "n_test": args.n_test,
-        "seed": args.seed,
-        "init_scale": init_scale,
-    }
     path.write_text(json.dumps({**settings, "steps": report}, indent=1))
     print(format_report(report))
     print(f"\nwrote {path}")

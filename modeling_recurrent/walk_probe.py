@@ -22,6 +22,12 @@ from .chain_task import MODULUS, VARIABLES, Problem, _Encoder, chase, sample_pro
 DONE = len(VARIABLES)  # the pointer's class once the walk has read the chain's literal
 
 
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class WalkLabels:
     """Per step r = 1..num_steps (index r - 1) of one problem: `walking` whether the chain still has links left
@@ -36,8 +42,7 @@ class WalkLabels:
 def walk_labels(problem: Problem, num_steps: int) -> WalkLabels:
     """The labels of an iterated look-up over `num_steps` steps (`?g=` for `g=d-8;d=0`: step 1 reached `d` with
     offset 2, step 2 is done with answer 2)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    _check_positive("num_steps", num_steps)
     path = chase(problem.statements, problem.target)
     value = problem.values[problem.target]
     walking, pointer, offset = [], [], []
@@ -129,9 +134,8 @@ def walk_probe(
     the problems still walking at r, and for the answer on those whose walk is over, each with its row count and
     the majority-label floor. Fitted on `n_fit` fresh in-distribution problems (seed `seed`), tested on `n_test`
     others (seed `seed + 1`)."""
-    for name, value in (("n_fit", n_fit), ("n_test", n_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    _check_positive("n_fit", n_fit)
+    _check_positive("n_test", n_test)
     splits = []
     for count, split_seed in ((n_fit, seed), (n_test, seed + 1)):
         problems = sample_problems("in-distribution", count, split_seed)

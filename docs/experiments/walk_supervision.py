@@ -36,7 +36,6 @@ import modeling_recurrent  # noqa: F401  (registers the Auto classes)
 from modeling_recurrent.chain_task import (
     IGNORE_INDEX,
     SPLITS,
-    VARIABLES,
     _Encoder,
     backward_order,
     chase,
@@ -44,7 +43,7 @@ from modeling_recurrent.chain_task import (
     generate_problem,
 )
 from modeling_recurrent.modeling_recurrent_depth import eager_attention
-from modeling_recurrent.walk_probe import DONE
+from modeling_recurrent.walk_probe import DONE, walk_labels
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("out")
@@ -104,7 +103,8 @@ if args.attn_distill:
     AttentionInterface.register("capture", capture_attention)
     model.config._attn_implementation = "capture"
     for block in base.core_block:
-        block.attn.register_forward_pre_hook(lambda module, inputs: CAPTURE.__setitem__("on", True))
+        # Training steps only: evaluation would pile up every step's weights until the next batch.
+        block.attn.register_forward_pre_hook(lambda module, inputs: CAPTURE.__setitem__("on", module.training))
         block.attn.register_forward_hook(lambda module, inputs, output: CAPTURE.__setitem__("on", False))
 optimizer = torch.optim.AdamW(
     [{"params": model.parameters(), "lr": args.lr}, {"params": probes.parameters(), "lr": args.probe_lr}],
@@ -118,35 +118,26 @@ spec = SPLITS["in-distribution"]
 
 
 def batch(step):
-    """Batch `step`: the encoded problems with their answers, and per problem the walk's pointers and offsets, its
-    length, and (for --attn-distill) the prompt re-queried at a random link r with that r."""
+    """Batch `step`: the encoded problems, their answering positions, each problem's `walk_labels` over the most
+    steps a run draws, and (for --attn-distill) the prompts re-queried at a random link r, with those r."""
     rng = random.Random(f"{args.seed}-{step}")
-    texts, positions, pointers, offsets, lengths, requeried, links = [], [], [], [], [], [], []
+    most_steps = 2 * args.grad_steps + 4
+    texts, positions, labels, requeried, links = [], [], [], [], []
     for _ in range(args.batch):
         hops = rng.randint(0, args.max_hops)
         problem = generate_problem(rng, hops, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
         problem = backward_order(problem, rng, args.backward)
         texts.append(problem.prompt + problem.answer)
         positions.append(len(problem.prompt) - 1)
+        labels.append(walk_labels(problem, most_steps))
         path = chase(problem.statements, problem.target)
-        value = problem.values[problem.target]
-        pointers.append([VARIABLES.index(v) for v in path[1:]])
-        offsets.append([(value - problem.values[v]) % 10 for v in path[1:]])
-        lengths.append(len(path))
         r = rng.randint(1, hops) if hops else 0
         requeried.append(problem.prompt[:-2] + (path[r] if r else problem.target) + "=")
         links.append(r)
     encoded = encoder(texts, [[p + 1] for p in positions])
     teacher = encoder(requeried, [[] for _ in requeried], eos=False) if args.attn_distill else None
-    answers = [int(t[p + 1]) for t, p in zip(texts, positions, strict=True)]
-    return encoded, torch.tensor(positions), pointers, offsets, lengths, answers, teacher, links
-
-
-def step_labels(pointers, offsets, lengths, answers, r):
-    """Pointer and offset labels (B,) after r steps, and which rows have resolved their chain."""
-    pointer = [p[r - 1] if r < n else DONE for p, n in zip(pointers, lengths, strict=True)]
-    offset = [o[r - 1] if r < n else a for o, n, a in zip(offsets, lengths, answers, strict=True)]
-    return torch.tensor(pointer), torch.tensor(offset), torch.tensor([r >= n for n in lengths])
+    walk = {key: torch.tensor([getattr(w, key) for w in labels]) for key in ("walking", "pointer", "offset")}
+    return encoded, torch.tensor(positions), walk, teacher, links
 
 
 def teacher_attention(teacher_ids, positions):
@@ -175,7 +166,7 @@ def distillation(teacher, positions, links, total):
 
 
 def run(step):
-    encoded, positions, pointers, offsets, lengths, answers, teacher_ids, links = batch(step)
+    encoded, positions, walk, teacher_ids, links = batch(step)
     draw = random.Random(step).random() < 0.7  # mostly exactly --grad-steps, sometimes more (the first without grad)
     total = args.grad_steps if draw else random.Random(-step).randint(args.grad_steps + 1, 2 * args.grad_steps + 4)
     rows = torch.arange(len(positions))
@@ -188,7 +179,7 @@ def run(step):
     distill = distillation(teacher, positions, links, total) if args.attn_distill else torch.zeros(())
     losses, stats = [], {"ptr": 0.0, "off": 0.0, "distill": distill.item()}
     for r, s in enumerate(states[total - args.grad_steps :], start=total - args.grad_steps + 1):
-        pointer, offset, resolved = step_labels(pointers, offsets, lengths, answers, r)
+        pointer, offset, resolved = walk["pointer"][:, r - 1], walk["offset"][:, r - 1], ~walk["walking"][:, r - 1]
         h = F.rms_norm(s[rows, positions], (width,))
         pointer_logits, offset_logits = probes["ptr"](h), probes["off"](h)
         loss = args.probe_weight * (F.cross_entropy(pointer_logits, pointer) + F.cross_entropy(offset_logits, offset))
@@ -201,7 +192,7 @@ def run(step):
             loss = loss + F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
             if args.direct_weight:
                 direct = model.lm_head(base.ln_f(s[rows[resolved], positions[resolved]])).float()
-                loss = loss + args.direct_weight * F.cross_entropy(direct, torch.tensor(answers)[resolved])
+                loss = loss + args.direct_weight * F.cross_entropy(direct, offset[resolved])  # the answer
         losses.append(loss)
     CAPTURE["weights"] = []
     return torch.stack(losses).mean() + args.attn_distill * distill, stats
