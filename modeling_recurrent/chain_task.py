@@ -561,14 +561,23 @@ def evaluate_first_token(
     `forward_kwargs` (e.g. `num_steps`) go to the model's forward.
     """
     problems = sample_problems(split, n, seed, max_hops=max_hops)
-    encoder, predictions = _Encoder(tokenizer), []
     device = getattr(model, "device", torch.device("cpu"))  # a PreTrainedModel's; plain modules run on the CPU
-    for begin in range(0, len(problems), batch_size):
-        chunk = [p.prompt for p in problems[begin : begin + batch_size]]
-        batch = encoder(chunk, [[] for _ in chunk], eos=False)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    predictions = []
+    for ids, mask, last in prompt_batches(tokenizer, [p.prompt for p in problems], batch_size, device):
         logits = model(input_ids=ids, attention_mask=mask, **forward_kwargs).logits
-        # Right padding: each row's prediction is read at its own last prompt character.
-        best = logits[torch.arange(len(chunk), device=mask.device), mask.sum(1) - 1].argmax(-1)
+        best = logits[torch.arange(len(ids), device=device), last].argmax(-1)
         predictions.extend(token or "" for token in tokenizer.convert_ids_to_tokens(best.tolist()))
     return accuracy_by_hops(predictions, problems)
+
+
+def prompt_batches(
+    tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Prompts in batches of `batch_size`: right-padded ids and attention mask (B, T) on `device`, and each row's
+    last prompt character (B,), where the first generated token is read."""
+    encoder = _Encoder(tokenizer)
+    for begin in range(0, len(prompts), batch_size):
+        chunk = list(prompts[begin : begin + batch_size])
+        batch = encoder(chunk, [[] for _ in chunk], eos=False)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        yield ids, mask, mask.sum(1) - 1

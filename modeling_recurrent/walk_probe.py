@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .chain_task import MODULUS, VARIABLES, Problem, _Encoder, chase, sample_problems
+from .chain_task import MODULUS, VARIABLES, Problem, chase, prompt_batches, sample_problems
 
 DONE = len(VARIABLES)  # the pointer's class once the walk has read the chain's literal
 
@@ -67,19 +67,13 @@ def answer_states(
 
     The same pieces as the forward pass (prelude, initial state, `iterate`), without the coda; `init_scale` 0 makes
     them deterministic."""
-    base = model.transformer
-    encoder, chunks = _Encoder(tokenizer), []
-    device = model.device
-    for begin in range(0, len(prompts), batch_size):
-        chunk = list(prompts[begin : begin + batch_size])
-        batch = encoder(chunk, [[] for _ in chunk], eos=False)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    base, chunks = model.transformer, []
+    for ids, mask, last in prompt_batches(tokenizer, prompts, batch_size, model.device):
         embeds, ctx = base.encode(ids, mask)
         states: list[torch.Tensor] = []
         state = base.initial_state(embeds, None, False, None, init_scale)
         base.iterate(state, embeds, ctx, (num_steps, 0), states.append)
-        last = mask.sum(1) - 1  # right padding: each row's own last prompt character
-        rows = torch.arange(len(chunk), device=device)
+        rows = torch.arange(len(ids), device=ids.device)
         chunks.append(torch.stack([s[rows, last] for s in states]).float().cpu())
     return torch.cat(chunks, dim=1)
 
