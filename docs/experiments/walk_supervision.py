@@ -156,7 +156,7 @@ def distillation(teacher, positions, links, total):
     n_core, first = len(base.core_block), total - args.grad_steps
     terms = []
     for i, r in enumerate(links):
-        if r == 0 or r < first:  # nothing to re-query, or step r + 1 ran without gradient
+        if r == 0 or not first <= r < total:  # nothing to re-query, or step r + 1 ran without gradient or not at all
             continue
         for layer in range(n_core):
             t = teacher[layer][i]
@@ -178,6 +178,7 @@ def run(step):
     base.iterate(state, embeds, ctx, (total - args.grad_steps, args.grad_steps), states.append)
     distill = distillation(teacher, positions, links, total) if args.attn_distill else torch.zeros(())
     losses, stats = [], {"ptr": 0.0, "off": 0.0, "distill": distill.item()}
+    later = {"ptr": [0, 0], "off": [0, 0]}  # [hits, rows] still walking at steps 2+: beyond step 1
     for r, s in enumerate(states[total - args.grad_steps :], start=total - args.grad_steps + 1):
         pointer, offset, resolved = walk["pointer"][:, r - 1], walk["offset"][:, r - 1], ~walk["walking"][:, r - 1]
         h = F.rms_norm(s[rows, positions], (width,))
@@ -185,6 +186,11 @@ def run(step):
         loss = args.probe_weight * (F.cross_entropy(pointer_logits, pointer) + F.cross_entropy(offset_logits, offset))
         stats["ptr"] += (pointer_logits.argmax(-1) == pointer).float().mean().item() / args.grad_steps
         stats["off"] += (offset_logits.argmax(-1) == offset).float().mean().item() / args.grad_steps
+        if r >= 2:
+            walking = walk["walking"][:, r - 1]
+            for key, logits, target in (("ptr", pointer_logits, pointer), ("off", offset_logits, offset)):
+                later[key][0] += (logits.argmax(-1) == target)[walking].sum().item()
+                later[key][1] += walking.sum().item()
         if resolved.any():
             labels = encoded["labels"].clone()
             labels[rows[~resolved], positions[~resolved] + 1] = IGNORE_INDEX  # the answer only once resolved
@@ -195,6 +201,7 @@ def run(step):
                 loss = loss + args.direct_weight * F.cross_entropy(direct, offset[resolved])  # the answer
         losses.append(loss)
     CAPTURE["weights"] = []
+    stats.update({f"later_{key}": hits / max(1, rows) for key, (hits, rows) in later.items()})
     return torch.stack(losses).mean() + args.attn_distill * distill, stats
 
 
@@ -226,7 +233,8 @@ def save(step):
 
 
 model.train()
-started, totals = time.time(), {"loss": 0.0, "ptr": 0.0, "off": 0.0, "distill": 0.0, "n": 0}
+STATS = ("loss", "ptr", "off", "later_ptr", "later_off", "distill")
+started, totals = time.time(), dict.fromkeys(STATS, 0.0) | {"n": 0}
 for step in range(start, args.steps):
     for group, lr in zip(optimizer.param_groups, (args.lr, args.probe_lr), strict=True):
         group["lr"] = lr * lr_factor(step)
@@ -237,13 +245,13 @@ for step in range(start, args.steps):
     optimizer.step()
     totals["loss"] += loss.item()
     totals["n"] += 1
-    for key in ("ptr", "off", "distill"):
+    for key in STATS[1:]:
         totals[key] += stats[key]
     if (step + 1) % 25 == 0:
         n = totals.pop("n")
         record = {"step": step + 1, **{k: round(v / n, 4) for k, v in totals.items()}}
         record["s_per_step"] = round((time.time() - started) / n, 2)
-        started, totals = time.time(), {"loss": 0.0, "ptr": 0.0, "off": 0.0, "distill": 0.0, "n": 0}
+        started, totals = time.time(), dict.fromkeys(STATS, 0.0) | {"n": 0}
         if (step + 1) % args.eval_every == 0:
             record["eval"] = evaluate()
         print(json.dumps(record), flush=True)
