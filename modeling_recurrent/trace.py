@@ -359,17 +359,17 @@ def run(args: argparse.Namespace) -> int:
     from .demo import load
     from .trace_plots import plot_convergence, plot_exit_histogram, plot_pca
 
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such model folder")
     if args.walk_probe:
         return run_walk_probe(args)
     if args.n_fit is not None or args.n_test is not None:
         raise ValueError("--n-fit and --n-test are options of --walk-probe, not of tracing a --prompt")
-    args.num_steps = 64 if args.num_steps is None else args.num_steps
+    num_steps = 64 if args.num_steps is None else args.num_steps
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
-    if args.num_steps <= args.every:  # the classifier needs three recorded states: 0, every, ..., num_steps
-        raise ValueError(f"--num-steps must be more than --every ({args.every}) and >= 2, got {args.num_steps}")
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model}: no such model folder")
+    if num_steps <= args.every:  # the classifier needs three recorded states: 0, every, ..., num_steps
+        raise ValueError(f"--num-steps must be more than --every ({args.every}) and >= 2, got {num_steps}")
     tokenizer, model = load(args.model)
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     if input_ids.shape[1] == 0:
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     texts = [tokenizer.decode([int(i)]) for i in input_ids[0]]
     chosen = parse_tokens(args.tokens, len(texts)) if args.tokens else default_tokens(texts)
     torch.manual_seed(args.seed)
-    traj = record_trajectory(model, input_ids, args.num_steps, every=args.every, init_scale=args.init_scale)
+    traj = record_trajectory(model, input_ids, num_steps, every=args.every, init_scale=args.init_scale)
     features = [trajectory_features(traj.states[:, i]) for i in range(len(texts))]
     classes = [classify(traj.states[:, i]) for i in range(len(texts))]
 
@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model),
         "prompt": args.prompt,
-        "num_steps": args.num_steps,
+        "num_steps": num_steps,
         "every": args.every,
         "init_scale": model.config.init_scale if args.init_scale is None else args.init_scale,
         "seed": args.seed,
@@ -446,8 +446,6 @@ def run_walk_probe(args: argparse.Namespace) -> int:
     }
     if settings["num_steps"] < 1:
         raise ValueError(f"--num-steps must be >= 1, got {settings['num_steps']}")
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model}: no such model folder")
     tokenizer, model = load(args.model)
     torch.manual_seed(args.seed)
     report = walk_probe(model, tokenizer, **{k: v for k, v in settings.items() if k != "model"})

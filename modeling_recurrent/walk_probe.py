@@ -53,6 +53,11 @@ def walk_labels(problem: Problem, num_steps: int) -> WalkLabels:
     return WalkLabels(tuple(walking), tuple(pointer), tuple(offset))
 
 
+def label_tensors(labels: Sequence[WalkLabels]) -> dict[str, torch.Tensor]:
+    """`walking`, `pointer` and `offset` of many problems' labels as tensors (N, num_steps)."""
+    return {key: torch.tensor([getattr(label, key) for label in labels]) for key in ("walking", "pointer", "offset")}
+
+
 @torch.no_grad()
 def answer_states(
     model: torch.nn.Module,
@@ -133,13 +138,8 @@ def walk_probe(
     splits = []
     for count, split_seed in ((n_fit, seed), (n_test, seed + 1)):
         problems = sample_problems("in-distribution", count, split_seed)
-        labels = [walk_labels(p, num_steps) for p in problems]
         states = answer_states(model, tokenizer, [p.prompt for p in problems], num_steps, init_scale=init_scale)
-        tensors = {
-            key: torch.tensor([getattr(label, key) for label in labels])  # (N, num_steps)
-            for key in ("walking", "pointer", "offset")
-        }
-        splits.append((states, tensors))
+        splits.append((states, label_tensors([walk_labels(p, num_steps) for p in problems])))
     (fit_states, fit), (test_states, test) = splits
     report = []
     for r in range(num_steps):

@@ -8,7 +8,15 @@ import torch
 from modeling_recurrent.chain_task import VARIABLES, Problem, build_tokenizer, sample_problems
 from modeling_recurrent.cli import main
 from modeling_recurrent.trace import record_trajectory
-from modeling_recurrent.walk_probe import DONE, answer_states, fit_probe, majority_rate, walk_labels, walk_probe
+from modeling_recurrent.walk_probe import (
+    DONE,
+    answer_states,
+    fit_probe,
+    label_tensors,
+    majority_rate,
+    walk_labels,
+    walk_probe,
+)
 
 from .conftest import tiny_model
 
@@ -30,6 +38,9 @@ def test_walk_labels_follow_the_chain_then_say_done_with_the_answer():
     assert two_hops.offset == (3, 9, 6, 6)  # 6 - 3, (6 - 7) mod 10, then the answer
     literal = walk_labels(problem(("x=5",), {"x": 5}, "x"), 1)
     assert literal == type(literal)((False,), (DONE,), (5,))
+    tensors = label_tensors([one_hop, walk_labels(problem(("x=5",), {"x": 5}, "x"), 3)])
+    assert tensors["walking"].tolist() == [[True, False, False], [False, False, False]]
+    assert tensors["offset"].tolist() == [[2, 2, 2], [5, 5, 5]]
 
 
 @pytest.mark.parametrize("steps", [0, -1, True, 2.0])

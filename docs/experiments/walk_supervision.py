@@ -36,14 +36,14 @@ import modeling_recurrent  # noqa: F401  (registers the Auto classes)
 from modeling_recurrent.chain_task import (
     IGNORE_INDEX,
     SPLITS,
+    VARIABLES,
     _Encoder,
     backward_order,
-    chase,
     evaluate_first_token,
     generate_problem,
 )
 from modeling_recurrent.modeling_recurrent_depth import eager_attention
-from modeling_recurrent.walk_probe import DONE, walk_labels
+from modeling_recurrent.walk_probe import DONE, label_tensors, walk_labels
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("out")
@@ -130,14 +130,12 @@ def batch(step):
         texts.append(problem.prompt + problem.answer)
         positions.append(len(problem.prompt) - 1)
         labels.append(walk_labels(problem, most_steps))
-        path = chase(problem.statements, problem.target)
-        r = rng.randint(1, hops) if hops else 0
-        requeried.append(problem.prompt[:-2] + (path[r] if r else problem.target) + "=")
+        r = rng.randint(1, hops) if hops else 0  # the variable r links away is the one step r reached
+        requeried.append(problem.prompt[:-2] + (VARIABLES[labels[-1].pointer[r - 1]] if r else problem.target) + "=")
         links.append(r)
     encoded = encoder(texts, [[p + 1] for p in positions])
     teacher = encoder(requeried, [[] for _ in requeried], eos=False) if args.attn_distill else None
-    walk = {key: torch.tensor([getattr(w, key) for w in labels]) for key in ("walking", "pointer", "offset")}
-    return encoded, torch.tensor(positions), walk, teacher, links
+    return encoded, torch.tensor(positions), label_tensors(labels), teacher, links
 
 
 def teacher_attention(teacher_ids, positions):
