@@ -12,6 +12,13 @@ three extra signals, each read at the answering position after every recurrence 
   variable reached after r links instead (`?d=` for `?g=` with `g=d-8`): KL(teacher || student) of each core block's
   heads at the answering position, the teacher being the same model without gradient. Step 1's look-up already
   works; this makes later steps reuse it with the query taken from the state.
+- `--collapse W`: the RMS-normalised state after step r (r >= 2) should equal, in mean squared error, the state after
+  step 1 on the prompt with the walk's first r links folded into one statement (`g=q+5` for `g=d-8;d=q+3`), the teacher
+  again the same model without gradient: one format for the running offset, whichever step wrote it.
+- `--hide-visited P`: in a fraction P of the batches the answering position cannot attend, at step r, to the
+  statements of the links read before step r (after the walk, to none of the chain): their offsets can come only
+  from the state. Without it a walk can re-read them (the query names the first link's statement; the pointer names
+  the one it defines and the one that uses it), which carries two links and never needs a running sum.
 
 `--grow-core N` first grows the core to N blocks (the new ones' output projections zeroed, so they start as a
 re-normalisation). Checkpoints (model, probes, optimizer) go to OUT/ckpt and OUT/state.pt every 100 steps; rerunning
@@ -38,7 +45,9 @@ from modeling_recurrent.chain_task import (
     SPLITS,
     VARIABLES,
     _Encoder,
+    _prompt,
     backward_order,
+    chase,
     evaluate_first_token,
     generate_problem,
 )
@@ -62,6 +71,10 @@ parser.add_argument("--eval-every", type=int, default=200)
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--grow-core", type=int, default=0)
 parser.add_argument("--attn-distill", type=float, default=0.0)
+parser.add_argument("--collapse", type=float, default=0.0, help="weight of the collapsed-prompt state match")
+parser.add_argument(
+    "--hide-visited", type=float, default=0.0, help="chance a batch hides visited links (needs distill)"
+)
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 out = Path(args.out)
@@ -89,14 +102,31 @@ if (out / "state.pt").exists():
 base = model.transformer
 
 # The attention interface discards the weights; a registered copy of eager attention keeps the core blocks' ones.
-CAPTURE: dict = {"on": False, "weights": []}
+CAPTURE: dict = {"on": False, "weights": [], "hide": None}
 
 
 def capture_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    if CAPTURE["on"] and CAPTURE["hide"] is not None:
+        attention_mask = hide_visited(attention_mask, query, key)
     output, weights = eager_attention(module, query, key, value, attention_mask, scaling, dropout)
     if CAPTURE["on"]:
         CAPTURE["weights"].append(weights)
     return output, weights
+
+
+def hide_visited(mask, query, key):
+    """`mask` as booleans (B, 1, T, T) with the answering position of each row blind, in the current step, to the
+    statements of the links its walk has already read: what they said can only come from the state."""
+    hide, positions = CAPTURE["hide"]
+    step = len(CAPTURE["weights"]) // len(base.core_block)
+    if mask is None:
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril()
+    elif mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    mask = mask.expand(query.shape[0], 1, query.shape[2], key.shape[2]).clone()
+    rows = torch.arange(len(positions))
+    mask[rows, 0, positions] &= ~hide[min(step, len(hide) - 1), :, : key.shape[2]]
+    return mask
 
 
 if args.attn_distill:
@@ -122,7 +152,7 @@ def batch(step):
     steps a run draws, and (for --attn-distill) the prompts re-queried at a random link r, with those r."""
     rng = random.Random(f"{args.seed}-{step}")
     most_steps = 2 * args.grad_steps + 4
-    texts, positions, labels, requeried, links = [], [], [], [], []
+    texts, positions, labels, requeried, links, collapsed, spans = [], [], [], [], [], [], []
     for _ in range(args.batch):
         hops = rng.randint(0, args.max_hops)
         problem = generate_problem(rng, hops, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
@@ -133,9 +163,41 @@ def batch(step):
         r = rng.randint(1, hops) if hops else 0  # the variable r links away is the one step r reached
         requeried.append(problem.prompt[:-2] + (VARIABLES[labels[-1].pointer[r - 1]] if r else problem.target) + "=")
         links.append(r)
+        collapsed.append(collapse(problem, r) if r >= 2 else problem.prompt)
+        spans.append(visited_spans(problem, most_steps))
     encoded = encoder(texts, [[p + 1] for p in positions])
+    hide = torch.zeros(most_steps, len(texts), encoded["input_ids"].shape[1], dtype=torch.bool)
+    for row, steps in enumerate(spans):
+        for step, chars in enumerate(steps):
+            hide[step, row, chars] = True
     teacher = encoder(requeried, [[] for _ in requeried], eos=False) if args.attn_distill else None
-    return encoded, torch.tensor(positions), label_tensors(labels), teacher, links
+    collapsed = encoder(collapsed, [[] for _ in collapsed], eos=False) if args.collapse else None
+    return encoded, torch.tensor(positions), label_tensors(labels), teacher, links, collapsed, hide
+
+
+def visited_spans(problem, most_steps):
+    """For steps 1..most_steps, the prompt's character indices of the target chain's statements read before that
+    step (none at step 1; from step hops + 2 the whole chain, the root too)."""
+    path = chase(problem.statements, problem.target)
+    starts, at = {}, 0
+    for statement in problem.statements:
+        starts[statement[0]] = (at, at + len(statement))
+        at += len(statement) + 1
+    return [[i for name in path[: min(step, len(path))] for i in range(*starts[name])] for step in range(most_steps)]
+
+
+def collapse(problem, r):
+    """`problem`'s prompt with the first `r` links of its walk folded into one statement (`g=q+5` for
+    `g=d-8;d=q+3`, r = 2): after step 1 on it the walk is where it is after step r on the original."""
+    path = chase(problem.statements, problem.target)
+    offset = (problem.values[problem.target] - problem.values[path[r]]) % 10
+    statements = []
+    for statement in problem.statements:
+        if statement[0] == problem.target:
+            statements.append(f"{problem.target}={path[r]}+{offset}")
+        elif statement[0] not in path[1:r]:
+            statements.append(statement)
+    return _prompt(statements, problem.target)
 
 
 def teacher_attention(teacher_ids, positions):
@@ -148,9 +210,19 @@ def teacher_attention(teacher_ids, positions):
         return [w[rows, :, positions] for w in CAPTURE["weights"]]
 
 
-def distillation(teacher, positions, links, total):
+def collapsed_states(collapsed_ids):
+    """The RMS-normalised state (B, D) at the last position after step 1 of the collapsed prompts."""
+    last = collapsed_ids["attention_mask"].sum(-1) - 1
+    with torch.no_grad():
+        embeds, ctx = base.encode(collapsed_ids["input_ids"], collapsed_ids["attention_mask"])
+        state = base.core_step(base.initial_state(embeds, None, False, None, model.config.init_scale), embeds, ctx, 0)
+        return F.rms_norm(state[torch.arange(len(last)), last], (width,))
+
+
+def distillation(teacher, positions, links, total, hidden):
     """KL(teacher || student) of the core attention at step r + 1 (the student's weights as captured, every step
-    in order) from the teacher's at step 1, averaged over heads, blocks and rows with a link to re-query."""
+    in order) from the teacher's at step 1, averaged over heads, blocks and rows with a link to re-query. With
+    `hidden` (steps, B, T), the teacher is renormalised over what the student could see."""
     n_core, first = len(base.core_block), total - args.grad_steps
     terms = []
     for i, r in enumerate(links):
@@ -158,24 +230,43 @@ def distillation(teacher, positions, links, total):
             continue
         for layer in range(n_core):
             t = teacher[layer][i]
+            if hidden is not None:
+                t = t * ~hidden[r, i, : t.shape[-1]]
+                t = t / t.sum(-1, keepdim=True).clamp_min(1e-9)
             s = CAPTURE["weights"][r * n_core + layer][i, :, positions[i], : t.shape[-1]]  # (H, T)
             terms.append((t * (torch.log(t + 1e-9) - torch.log(s + 1e-9))).sum(-1).mean())
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def run(step):
-    encoded, positions, walk, teacher_ids, links = batch(step)
+    encoded, positions, walk, teacher_ids, links, collapsed_ids, hide = batch(step)
     draw = random.Random(step).random() < 0.7  # mostly exactly --grad-steps, sometimes more (the first without grad)
     total = args.grad_steps if draw else random.Random(-step).randint(args.grad_steps + 1, 2 * args.grad_steps + 4)
     rows = torch.arange(len(positions))
     teacher = teacher_attention(teacher_ids, positions) if args.attn_distill else None
+    target_states = collapsed_states(collapsed_ids) if args.collapse else None
     CAPTURE["weights"] = []
+    hiding = random.Random(f"hide-{step}").random() < args.hide_visited
+    if hiding:
+        CAPTURE["hide"] = (hide, positions)
     embeds, ctx = base.encode(encoded["input_ids"], encoded["attention_mask"])
     state = base.initial_state(embeds, None, False, None, model.config.init_scale)
     states = []
     base.iterate(state, embeds, ctx, (total - args.grad_steps, args.grad_steps), states.append)
-    distill = distillation(teacher, positions, links, total) if args.attn_distill else torch.zeros(())
-    losses, stats = [], {"ptr": 0.0, "off": 0.0, "distill": distill.item()}
+    CAPTURE["hide"] = None
+    hidden = hide if hiding else None
+    distill = distillation(teacher, positions, links, total, hidden) if args.attn_distill else torch.zeros(())
+    losses, stats = [], {"ptr": 0.0, "off": 0.0, "distill": distill.item(), "collapse": 0.0}
+    match = torch.zeros(())
+    if args.collapse:
+        first, matched = total - args.grad_steps, []
+        for i, r in enumerate(links):
+            if r >= 2 and first < r <= total:  # step r ran under gradient
+                h = F.rms_norm(states[r - 1][i, positions[i]], (width,))
+                matched.append((h - target_states[i]).pow(2).mean())
+        if matched:
+            match = torch.stack(matched).mean()
+            stats["collapse"] = match.item()
     later = {"ptr": [0, 0], "off": [0, 0]}  # [hits, rows] still walking at steps 2+: beyond step 1
     for r, s in enumerate(states[total - args.grad_steps :], start=total - args.grad_steps + 1):
         pointer, offset, resolved = walk["pointer"][:, r - 1], walk["offset"][:, r - 1], ~walk["walking"][:, r - 1]
@@ -200,7 +291,7 @@ def run(step):
         losses.append(loss)
     CAPTURE["weights"] = []
     stats.update({f"later_{key}": hits / max(1, rows) for key, (hits, rows) in later.items()})
-    return torch.stack(losses).mean() + args.attn_distill * distill, stats
+    return torch.stack(losses).mean() + args.attn_distill * distill + args.collapse * match, stats
 
 
 @torch.no_grad()
@@ -231,7 +322,7 @@ def save(step):
 
 
 model.train()
-STATS = ("loss", "ptr", "off", "later_ptr", "later_off", "distill")
+STATS = ("loss", "ptr", "off", "later_ptr", "later_off", "distill", "collapse")
 started, totals = time.time(), dict.fromkeys(STATS, 0.0) | {"n": 0}
 for step in range(start, args.steps):
     for group, lr in zip(optimizer.param_groups, (args.lr, args.probe_lr), strict=True):
