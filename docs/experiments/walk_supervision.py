@@ -42,8 +42,8 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, A
 import modeling_recurrent  # noqa: F401  (registers the Auto classes)
 from modeling_recurrent.chain_task import (
     IGNORE_INDEX,
+    MODULUS,
     SPLITS,
-    VARIABLES,
     _Encoder,
     _prompt,
     backward_order,
@@ -72,9 +72,7 @@ parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--grow-core", type=int, default=0)
 parser.add_argument("--attn-distill", type=float, default=0.0)
 parser.add_argument("--collapse", type=float, default=0.0, help="weight of the collapsed-prompt state match")
-parser.add_argument(
-    "--hide-visited", type=float, default=0.0, help="chance a batch hides visited links (needs distill)"
-)
+parser.add_argument("--hide-visited", type=float, default=0.0, help="chance a batch hides the links already read")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 out = Path(args.out)
@@ -125,11 +123,11 @@ def hide_visited(mask, query, key):
         mask = mask > torch.finfo(mask.dtype).min / 2
     mask = mask.expand(query.shape[0], 1, query.shape[2], key.shape[2]).clone()
     rows = torch.arange(len(positions))
-    mask[rows, 0, positions] &= ~hide[min(step, len(hide) - 1), :, : key.shape[2]]
+    mask[rows, 0, positions] &= ~hide[step, :, : key.shape[2]]
     return mask
 
 
-if args.attn_distill:
+if args.attn_distill or args.hide_visited:  # hiding counts steps by the captured weights
     AttentionInterface.register("capture", capture_attention)
     model.config._attn_implementation = "capture"
     for block in base.core_block:
@@ -149,10 +147,12 @@ spec = SPLITS["in-distribution"]
 
 def batch(step):
     """Batch `step`: the encoded problems, their answering positions, each problem's `walk_labels` over the most
-    steps a run draws, and (for --attn-distill) the prompts re-queried at a random link r, with those r."""
+    steps a run draws, (for --attn-distill) the prompts re-queried at a random link r, those r, (for --collapse) the
+    prompts with r links folded, and (if this batch hides, --hide-visited) `visited_keys` (steps, B, T)."""
     rng = random.Random(f"{args.seed}-{step}")
+    hiding = random.Random(f"hide-{step}").random() < args.hide_visited
     most_steps = 2 * args.grad_steps + 4
-    texts, positions, labels, requeried, links, collapsed, spans = [], [], [], [], [], [], []
+    texts, positions, labels, requeried, links, collapsed, visited = [], [], [], [], [], [], []
     for _ in range(args.batch):
         hops = rng.randint(0, args.max_hops)
         problem = generate_problem(rng, hops, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
@@ -160,37 +160,43 @@ def batch(step):
         texts.append(problem.prompt + problem.answer)
         positions.append(len(problem.prompt) - 1)
         labels.append(walk_labels(problem, most_steps))
-        r = rng.randint(1, hops) if hops else 0  # the variable r links away is the one step r reached
-        requeried.append(problem.prompt[:-2] + (VARIABLES[labels[-1].pointer[r - 1]] if r else problem.target) + "=")
+        path = chase(problem.statements, problem.target)  # path[r]: the variable step r reaches
+        r = rng.randint(1, hops) if hops else 0
+        requeried.append(problem.prompt[:-2] + path[r] + "=")
         links.append(r)
-        collapsed.append(collapse(problem, r) if r >= 2 else problem.prompt)
-        spans.append(visited_spans(problem, most_steps))
+        if args.collapse:
+            collapsed.append(collapse(problem, path, r) if r >= 2 else problem.prompt)
+        if hiding:
+            visited.append(visited_keys(problem, path, most_steps))
     encoded = encoder(texts, [[p + 1] for p in positions])
-    hide = torch.zeros(most_steps, len(texts), encoded["input_ids"].shape[1], dtype=torch.bool)
-    for row, steps in enumerate(spans):
-        for step, chars in enumerate(steps):
-            hide[step, row, chars] = True
     teacher = encoder(requeried, [[] for _ in requeried], eos=False) if args.attn_distill else None
     collapsed = encoder(collapsed, [[] for _ in collapsed], eos=False) if args.collapse else None
+    hide = None
+    if hiding:  # (steps, B, T), padded to the batch's width
+        length = encoded["input_ids"].shape[1]
+        hide = torch.stack([F.pad(v, (0, length - v.shape[1])) for v in visited], dim=1)
     return encoded, torch.tensor(positions), label_tensors(labels), teacher, links, collapsed, hide
 
 
-def visited_spans(problem, most_steps):
-    """For steps 1..most_steps, the prompt's character indices of the target chain's statements read before that
-    step (none at step 1; from step hops + 2 the whole chain, the root too)."""
-    path = chase(problem.statements, problem.target)
-    starts, at = {}, 0
+def visited_keys(problem, path, most_steps):
+    """(most_steps, len(prompt)) booleans: at step r, the characters of the target chain's statements read before
+    step r (none at step 1; from step hops + 2 the whole chain, the root too)."""
+    span, at = {}, 0
     for statement in problem.statements:
-        starts[statement[0]] = (at, at + len(statement))
+        span[statement[0]] = slice(at, at + len(statement))
         at += len(statement) + 1
-    return [[i for name in path[: min(step, len(path))] for i in range(*starts[name])] for step in range(most_steps)]
+    keys = torch.zeros(most_steps, len(problem.prompt), dtype=torch.bool)
+    for step in range(1, most_steps):
+        for name in path[:step]:
+            keys[step, span[name]] = True
+    return keys
 
 
-def collapse(problem, r):
-    """`problem`'s prompt with the first `r` links of its walk folded into one statement (`g=q+5` for
-    `g=d-8;d=q+3`, r = 2): after step 1 on it the walk is where it is after step r on the original."""
-    path = chase(problem.statements, problem.target)
-    offset = (problem.values[problem.target] - problem.values[path[r]]) % 10
+def collapse(problem, path, r):
+    """`problem`'s prompt with the first `r` links of its walk `path` (`chase` from the target) folded into one
+    statement (`g=q+5` for `g=d-8;d=q+3`, r = 2): after step 1 on it the walk is where it is after step r on the
+    original."""
+    offset = (problem.values[problem.target] - problem.values[path[r]]) % MODULUS
     statements = []
     for statement in problem.statements:
         if statement[0] == problem.target:
@@ -246,16 +252,13 @@ def run(step):
     teacher = teacher_attention(teacher_ids, positions) if args.attn_distill else None
     target_states = collapsed_states(collapsed_ids) if args.collapse else None
     CAPTURE["weights"] = []
-    hiding = random.Random(f"hide-{step}").random() < args.hide_visited
-    if hiding:
-        CAPTURE["hide"] = (hide, positions)
+    CAPTURE["hide"] = None if hide is None else (hide, positions)
     embeds, ctx = base.encode(encoded["input_ids"], encoded["attention_mask"])
     state = base.initial_state(embeds, None, False, None, model.config.init_scale)
     states = []
     base.iterate(state, embeds, ctx, (total - args.grad_steps, args.grad_steps), states.append)
     CAPTURE["hide"] = None
-    hidden = hide if hiding else None
-    distill = distillation(teacher, positions, links, total, hidden) if args.attn_distill else torch.zeros(())
+    distill = distillation(teacher, positions, links, total, hide) if args.attn_distill else torch.zeros(())
     losses, stats = [], {"ptr": 0.0, "off": 0.0, "distill": distill.item(), "collapse": 0.0}
     match = torch.zeros(())
     if args.collapse:
