@@ -39,7 +39,7 @@ from .chain_task import (
     evaluate_first_token,
     paced_labels,
 )
-from .modeling_recurrent_depth import sample_num_steps
+from .modeling_recurrent_depth import BlockContext, sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
 
@@ -224,6 +224,28 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def column_states(
+    base: torch.nn.Module,
+    columns: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_states: torch.Tensor,
+    num_steps: tuple[int, int],
+) -> tuple[list[torch.Tensor], BlockContext]:
+    """The core states (B, T, D) after each of the sum(`num_steps`) recurrence steps (the first num_steps[0] without
+    gradient) when step r injects the prelude output of column min(r, S) - 1 of `columns` (B, T, S), as
+    `carry_inputs` lays them out; and the block context the readout needs. `base` is a model's `transformer`,
+    `input_states` (B, T, D) the initial state. The prelude runs once over all columns, whose context is the same."""
+    batch, width, count = columns.shape
+    xs, ctx = base.encode(columns.permute(2, 0, 1).reshape(-1, width), attention_mask.repeat(count, 1))
+    xs, ctx = xs.view(count, batch, width, -1), ctx.select(torch.arange(batch, device=columns.device))
+    state = base.initial_state(xs[0], input_states, False, None, 0.0)
+    states: list[torch.Tensor] = []
+    for step in range(sum(num_steps)):
+        split = (1, 0) if step < num_steps[0] else (0, 1)
+        state = base.iterate(state, xs[min(step, count - 1)], ctx, split, states.append, first_step=step)
+    return states, ctx
+
+
 class StepwiseLoss(torch.nn.Module):
     """Deep supervision (`--deep-supervision`): the loss read out through the coda after every recurrence step that
     has gradient, averaged over those steps, so that each step's state is trained to say what it knows by then.
@@ -255,17 +277,9 @@ class StepwiseLoss(torch.nn.Module):
         `step_input_ids` (B, T, S) step r injects the prelude output of column min(r, S) - 1 (`carry_inputs`)."""
         lm = causal_lm(self.model)
         base = lm.transformer
-        # Without per-step inputs the text itself is the one column. Columns no step reaches are dropped; the prelude
-        # runs once over all the others, whose context is the same.
+        # Without per-step inputs the text itself is the one column. Columns no step reaches are dropped.
         columns = input_ids[..., None] if step_input_ids is None else step_input_ids[..., : sum(num_steps)]
-        batch, width, count = columns.shape
-        xs, ctx = base.encode(columns.permute(2, 0, 1).reshape(-1, width), attention_mask.repeat(count, 1))
-        xs, ctx = xs.view(count, batch, width, -1), ctx.select(torch.arange(batch, device=input_ids.device))
-        state = base.initial_state(xs[0], input_states, False, None, 0.0)
-        states: list[torch.Tensor] = []
-        for step in range(sum(num_steps)):
-            split = (1, 0) if step < num_steps[0] else (0, 1)
-            state = base.iterate(state, xs[min(step, count - 1)], ctx, split, states.append, first_step=step)
+        states, ctx = column_states(base, columns, attention_mask, input_states, num_steps)
         losses = []
         for depth, state in enumerate(states[num_steps[0] :], start=num_steps[0] + 1):
             step_labels = labels if chase_labels is None else paced_labels(labels, chase_labels, depth)
