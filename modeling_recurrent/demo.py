@@ -46,7 +46,7 @@ def load(model_path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_recurrent  # noqa: F401  (registers the Auto classes)
-    from modeling_recurrent.modeling_recurrent_depth import unreadable_files
+    from modeling_recurrent.serialization_recurrent_depth import unreadable_files
 
     folder = Path(model_path)
     if not (folder / "config.json").is_file():

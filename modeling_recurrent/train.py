@@ -39,7 +39,8 @@ from .chain_task import (
     evaluate_first_token,
     paced_labels,
 )
-from .modeling_recurrent_depth import BlockContext, sample_num_steps
+from .layers_recurrent_depth import BlockContext
+from .modeling_recurrent_depth import sample_num_steps
 
 STATE_FILE = "trainer_state.pt"
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import modeling_recurrent
+from modeling_recurrent.convert.remote_code import remote_code_files
 
 from .conftest import ROOT, tiny_model
 
@@ -41,8 +42,9 @@ def test_saved_code_is_the_package_code(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_recurrent_depth.RecurrentDepthForCausalLM"
     saved = sorted(p.name for p in tmp_path.glob("*.py"))
-    assert saved and all((tmp_path / name).read_bytes() == (PACKAGE / name).read_bytes() for name in saved)
-    assert "modeling_recurrent_depth.py" in saved and "configuration_recurrent_depth.py" in saved
+    assert saved == sorted(p.name for p in remote_code_files())
+    assert all((tmp_path / name).read_bytes() == (PACKAGE / name).read_bytes() for name in saved)
+    assert {"modeling_recurrent_depth.py", "layers_recurrent_depth.py", "cache_recurrent_depth.py"} <= set(saved)
 
 
 def test_num_steps_and_init_scale_at_load_time(tmp_path):
@@ -93,6 +95,6 @@ def test_presets_load(tmp_path):
 def test_shipped_model_carries_the_current_code():
     shipped = PACKAGE / "checkpoints" / "chain-tiny"
     names = sorted(p.name for p in shipped.glob("*.py"))
-    assert names, "the shipped chain model carries its remote code"
+    assert names == sorted(p.name for p in remote_code_files()), "the shipped chain model carries its remote code"
     for name in names:
         assert (shipped / name).read_bytes() == (PACKAGE / name).read_bytes(), name

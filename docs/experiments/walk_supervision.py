@@ -51,7 +51,7 @@ from modeling_recurrent.chain_task import (
     evaluate_first_token,
     generate_problem,
 )
-from modeling_recurrent.modeling_recurrent_depth import eager_attention
+from modeling_recurrent.layers_recurrent_depth import eager_attention
 from modeling_recurrent.walk_probe import DONE, label_tensors, walk_labels
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
