@@ -127,7 +127,9 @@ def main() -> None:
             for impl, python in pythons.items():
                 done = subprocess.run(
                     [python, __file__, "--worker", impl, "--folder", folder, *common],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 results[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {round_ + 1}: {json.dumps({k: v[-1] for k, v in results.items()})}", flush=True)

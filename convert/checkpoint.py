@@ -103,6 +103,10 @@ def _safetensors_loader(handle, path: Path, key: str) -> Callable[[], torch.Tens
     return load
 
 
+def _constant_loader(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
+
+
 def load_torch_file(path: Path, allow_pickle: bool = False) -> dict:
     """`torch.load` memory-mapped on CPU; arbitrary pickles only with `allow_pickle` (trusted files)."""
     try:
@@ -117,7 +121,7 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> LazyStateDi
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad))}")
-    return LazyStateDict({k: (lambda v=v: v) for k, v in tensors.items()}, meta_specs(tensors))
+    return LazyStateDict({k: _constant_loader(v) for k, v in tensors.items()}, meta_specs(tensors))
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

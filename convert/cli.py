@@ -7,8 +7,10 @@ sets `func(args)` to run the command.
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 import torch
+from huggingface_hub import CommitInfo
 
 from .huginn import convert_huginn
 from .pretrain import convert_pretrain
@@ -100,7 +102,8 @@ def run_upload(args: argparse.Namespace) -> None:
         license=args.license,
         tags=args.tag,
     )
-    print(result if args.dry_run else result.commit_url)
+    # without dry_run, upload returns the Hub's CommitInfo
+    print(result if args.dry_run else cast(CommitInfo, result).commit_url)
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:

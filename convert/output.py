@@ -73,7 +73,7 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer files, chat templates and generation_config.json found in `src`; returns their names."""
-    copied = []
+    copied: list[str] = []
     if not src.is_dir():
         return copied
     for name in SIDE_FILES:

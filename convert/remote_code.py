@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
@@ -22,7 +22,9 @@ def remote_code_files() -> list[Path]:
     """Package source files a saved model needs, modeling file first."""
     files: list[Path] = []
     for cls in AUTO_CLASSES:
-        module_file = Path(sys.modules[cls.__module__].__file__)
+        source = sys.modules[cls.__module__].__file__
+        assert source is not None  # the package's modules are loaded from source files
+        module_file = Path(source)
         for path in (module_file, *map(Path, get_relative_import_files(str(module_file)))):
             if path not in files:
                 files.append(path)
@@ -31,7 +33,8 @@ def remote_code_files() -> list[Path]:
 
 def auto_map() -> dict[str, str]:
     """`auto_map` entries of config.json pointing at the copied modules."""
-    return {cls._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in AUTO_CLASSES}
+    # register_for_auto_class (the package's __init__) sets _auto_class on both classes
+    return {cast(str, cls._auto_class): f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in AUTO_CLASSES}
 
 
 def write_remote_code(folder: Path, config: Any = None) -> list[Path]:

@@ -115,4 +115,4 @@ def _header(specs: Mapping[str, torch.Tensor]) -> bytes:
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a CPU tensor (no copy if it is already contiguous)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")

@@ -15,6 +15,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -293,8 +294,8 @@ def bench_preset(
         _log(f"[{name}] generate {prompt}/{new}/{batch}")
         ids = bc.prompt_ids(batch, prompt, vocab, seed=prompt + batch)
         result = bc.paired(
-            lambda ids=ids, new=new: bc.generate_throughput(ours, ids, new),
-            lambda ids=ids, new=new: bc.generate_throughput(llama, ids, new),
+            partial(bc.generate_throughput, ours, ids, new),
+            partial(bc.generate_throughput, llama, ids, new),
             repeats,
         )
         _row(rows, name, "generate", f"{prompt}/{new}/{batch} (prompt/new/batch)", result, "tokens/s")
@@ -330,9 +331,7 @@ def _peak_memory(rows: list, preset: str, shape: Shape, ours, llama) -> dict[str
 
     context = min(512, max(context for context, _ in shape.decode_cases))
     ids = bc.prompt_ids(1, context, shape.vocab_size)
-    peaks = {
-        c.name: bc.peak_bytes(lambda c=c: bc.generate_throughput(c, ids, shape.decode_tokens)) for c in (ours, llama)
-    }
+    peaks = {c.name: bc.peak_bytes(partial(bc.generate_throughput, c, ids, shape.decode_tokens)) for c in (ours, llama)}
     result = {"ours": peaks["ours"], "baseline": peaks["llama"], "ratio": peaks["llama"] / peaks["ours"]}
     _row(rows, preset, "peak memory", f"generate {context}+{shape.decode_tokens}", result, "bytes")
     return peaks

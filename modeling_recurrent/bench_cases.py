@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,11 @@ from torch import nn
 from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache
 from .configuration_recurrent_depth import RecurrentDepthConfig
 from .modeling_recurrent_depth import RecurrentDepthForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,11 @@ class Shape:
 
 
 @dataclass
-class Contender:
+class Contender(Generic[ModelT]):
     """A model with the forward arguments and cache factories it is measured with."""
 
     name: str
-    model: nn.Module
+    model: ModelT
     kwargs: dict[str, Any]
     new_cache: Callable[[], Any]
     new_static_cache: Callable[[int, int], Any]  # (max_cache_len, batch) -> cache
@@ -57,14 +62,18 @@ class Contender:
         return model(input_ids=input_ids, cache=cache, use_cache=True, **self.kwargs, **extra)
 
 
-def build_contenders(shape: Shape, dtype: torch.dtype, seed: int = 0) -> tuple[Contender, Contender]:
+def build_contenders(
+    shape: Shape, dtype: torch.dtype, seed: int = 0
+) -> tuple[Contender[RecurrentDepthForCausalLM], Contender[LlamaForCausalLM]]:
     """This package's model and transformers' LlamaForCausalLM of the same width, heads, MLP, vocabulary and total
     depth (prelude + core * num_steps + coda), random weights, both with SDPA attention."""
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
     torch.manual_seed(seed)
     prelude, core, coda = shape.blocks
-    config = RecurrentDepthConfig(
+    # transformers' dataclass_transform signature of configs omits the extra kwargs (attn_implementation) their
+    # __init__ accepts
+    config = RecurrentDepthConfig(  # type: ignore[call-arg]
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
@@ -78,8 +87,11 @@ def build_contenders(shape: Shape, dtype: torch.dtype, seed: int = 0) -> tuple[C
         init_scale=0.0,
         attn_implementation="sdpa",
     )
-    ours = RecurrentDepthForCausalLM(config).to(dtype).eval()
-    llama_config = LlamaConfig(
+    rope = config.rope_parameters
+    assert rope is not None  # transformers fills in the default RoPE parameters
+    # PreTrainedModel.to is decorated with functools.wraps, whose stub leaves `self` unbound: the dtype is taken for it
+    ours: RecurrentDepthForCausalLM = RecurrentDepthForCausalLM(config).to(dtype).eval()  # type: ignore[arg-type]
+    llama_config = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation, as for our config
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -89,10 +101,10 @@ def build_contenders(shape: Shape, dtype: torch.dtype, seed: int = 0) -> tuple[C
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters=dict(config.rope_parameters),
+        rope_parameters=dict(rope),
         attn_implementation="sdpa",
     )
-    llama = LlamaForCausalLM(llama_config).to(dtype).eval()
+    llama: LlamaForCausalLM = LlamaForCausalLM(llama_config).to(dtype).eval()  # type: ignore[arg-type]  # `to`, as for ours
     steps = shape.num_steps
     return (
         Contender(
@@ -243,6 +255,7 @@ def cache_bytes(cache: Any) -> tuple[int, int]:
             continue
         capacity = keys.shape[-2]
         held = min(getattr(layer, "length", length), capacity)
+        assert values is not None  # a cache layer holding keys holds their values
         for tensor in (keys, values):
             allocated += tensor.nbytes
             used += tensor.nbytes * held // capacity
@@ -270,12 +283,13 @@ def chain_texts(tokenizer, n: int, seed: int, n_queries: int = 4) -> list[dict[s
 def teacher_forced(model, text: dict[str, torch.Tensor], cache: RecurrentCache, **kwargs) -> dict[str, float]:
     """Feed a text one token per forward through `cache`; loss and accuracy at the labelled positions, steps used."""
     ids, labels = text["input_ids"], text["labels"]
-    logits, steps = [], []
+    step_logits: list[torch.Tensor] = []
+    steps: list[int] = []
     for i in range(ids.shape[1] - 1):
         out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True, **kwargs)
-        logits.append(out.logits[:, -1])
+        step_logits.append(out.logits[:, -1])
         steps.append(int(out.steps_used.sum()))
-    logits = torch.stack(logits, dim=1)  # (1, L - 1, V): predictions of tokens 1..L-1
+    logits = torch.stack(step_logits, dim=1)  # (1, L - 1, V): predictions of tokens 1..L-1
     targets = labels[:, 1:]
     scored = targets != -100
     loss = nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum")

@@ -17,7 +17,7 @@ This file travels as remote code with every saved model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -41,7 +41,11 @@ def _check_batch(held: int, given: int) -> None:
 
 
 class RecurrentSlot(CacheLayerMixin):
-    """Keys and values of one slot: tensors (B, kv_heads, capacity, head_dim) of which `length` positions are used."""
+    """Keys and values of one slot: tensors (B, kv_heads, capacity, head_dim) of which `length` positions are used.
+
+    `keys` and `values` are None until the first write and after `reset` (so `is_initialized` is False exactly then);
+    code that runs only on a written slot casts them to tensors.
+    """
 
     is_croppable = True
     is_sliding = False
@@ -59,7 +63,7 @@ class RecurrentSlot(CacheLayerMixin):
         self.is_initialized = True
 
     def _reserve(self, needed: int) -> None:
-        capacity = self.keys.shape[-2]
+        capacity = cast(torch.Tensor, self.keys).shape[-2]
         if needed <= capacity:
             return
         new_capacity = max(needed, 2 * capacity, 16, self.reserve)
@@ -84,28 +88,30 @@ class RecurrentSlot(CacheLayerMixin):
         """
         if not self.is_initialized:
             template = fill_from if rows is not None and fill_from is not None else None
-            if template is not None:
-                self.lazy_initialization(template.keys, template.values)
+            if template is not None:  # the same layer's previous step, written before this one
+                self.lazy_initialization(cast(torch.Tensor, template.keys), cast(torch.Tensor, template.values))
             else:
                 self.lazy_initialization(key_states, value_states)
         end = start + key_states.shape[-2]
         self._reserve(end)
+        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
         # Positions this slot lacks: earlier tokens that ran fewer steps, and with `rows` the current positions of
         # the rows that skip this step. They take the same layer's previous step, i.e. their latest computed one.
         gap_end = end if rows is not None else start
         if self.length < gap_end:
             if fill_from is None or fill_from.length < gap_end:
                 raise RuntimeError("recurrent cache: a step lacks states that no earlier step of its layer computed")
-            self.keys[:, :, self.length : gap_end] = fill_from.keys[:, :, self.length : gap_end]
-            self.values[:, :, self.length : gap_end] = fill_from.values[:, :, self.length : gap_end]
+            # fill_from.length > 0, so it has been written
+            keys[:, :, self.length : gap_end] = cast(torch.Tensor, fill_from.keys)[:, :, self.length : gap_end]
+            values[:, :, self.length : gap_end] = cast(torch.Tensor, fill_from.values)[:, :, self.length : gap_end]
         self.length = max(self.length, end)
         if rows is None:
-            self.keys[:, :, start:end] = key_states
-            self.values[:, :, start:end] = value_states
-            return self.keys[:, :, :end], self.values[:, :, :end]
-        self.keys[rows, :, start:end] = key_states
-        self.values[rows, :, start:end] = value_states
-        return self.keys[rows, :, :end], self.values[rows, :, :end]
+            keys[:, :, start:end] = key_states
+            values[:, :, start:end] = value_states
+            return keys[:, :, :end], values[:, :, :end]
+        keys[rows, :, start:end] = key_states
+        values[rows, :, start:end] = value_states
+        return keys[rows, :, :end], values[rows, :, :end]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Plain Transformers-style append (used by code that treats the slot as a DynamicLayer)."""
@@ -132,8 +138,8 @@ class RecurrentSlot(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         if self.is_initialized:
-            self.keys = fn(self.keys[:, :, : self.length])
-            self.values = fn(self.values[:, :, : self.length])
+            self.keys = fn(cast(torch.Tensor, self.keys)[:, :, : self.length])
+            self.values = fn(cast(torch.Tensor, self.values)[:, :, : self.length])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -148,8 +154,9 @@ class RecurrentSlot(CacheLayerMixin):
         """Bytes of the used part of this slot (keys and values)."""
         if not self.is_initialized:
             return 0
-        per_position = self.keys[:, :, :1].numel() * self.keys.element_size()
-        per_position += self.values[:, :, :1].numel() * self.values.element_size()
+        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
+        per_position = keys[:, :, :1].numel() * keys.element_size()
+        per_position += values[:, :, :1].numel() * values.element_size()
         return per_position * self.length
 
 
@@ -164,12 +171,15 @@ class RecurrentCache(Cache):
             slots never grow while decoding); 0 grows by doubling from the first write.
     """
 
+    # Cache types `layers` as a list of any layer kind; this cache holds only its own slots (list is invariant).
+    layers: list[RecurrentSlot]  # type: ignore[assignment]
+
     def __init__(self, config: Any, core_slots: int | None = None, reserve: int = 0):
         if core_slots is not None:
             _check_count("core_slots (None: one slot per step)", core_slots, 1)
         super().__init__(layers=[])
         self.n_prelude, self.n_core, self.n_coda = config.n_prelude, config.n_core, config.n_coda
-        self.kv_shape = (config.num_key_value_heads, config.attention_head_dim)
+        self.kv_shape = (config.num_kv_heads, config.attention_head_dim)
         self.core_slots = core_slots
         self.reserve = _check_count("reserve (positions)", reserve, 0)
         self._seq_length = 0
@@ -177,8 +187,11 @@ class RecurrentCache(Cache):
         self.prompt_length = 0  # tokens of the first forward (the prompt, in generate)
         self.last_latent: torch.Tensor | None = None  # (B, 1, D) final latent of the last position (warm start)
 
-    def record(self, start: int, steps_used: torch.Tensor, length: int, last_latent: torch.Tensor) -> None:
+    def record(
+        self, start: int | torch.Tensor, steps_used: torch.Tensor, length: int, last_latent: torch.Tensor
+    ) -> None:
         """Note the steps (B,) run by the `length` tokens written at `start`, and the last position's latent."""
+        start = int(start)  # the model's start position is a tensor only with a StaticRecurrentCache
         new = steps_used[:, None].expand(-1, length)
         if start == 0:
             self.prompt_length = length
@@ -203,7 +216,7 @@ class RecurrentCache(Cache):
         phase: str,
         layer: int,
         step: int,
-        start: int,
+        start: int | torch.Tensor,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, kv_heads, T, hd) states of one block at positions [start, start + T); return all up to there.
@@ -211,12 +224,13 @@ class RecurrentCache(Cache):
         `rows` (1-D long tensor) restricts the write to those batch rows (adaptive exit); the states given then have
         len(rows) rows, and so do the returned ones.
         """
+        start = int(start)  # the model's start position is a tensor only with a StaticRecurrentCache
         index = self.slot(phase, layer, step)
         while len(self.layers) <= index:
             self.layers.append(RecurrentSlot(reserve=self.reserve))
         target = self.layers[index]
         if target.is_initialized and rows is None:
-            _check_batch(target.keys.shape[0], key_states.shape[0])
+            _check_batch(cast(torch.Tensor, target.keys).shape[0], key_states.shape[0])
         fill_from = self.layers[self.slot(CORE, layer, step - 1)] if phase == CORE and step > 0 else None
         keys, values = target.write(key_states, value_states, start, fill_from, rows)
         self._seq_length = max(self._seq_length, start + key_states.shape[-2])
@@ -227,7 +241,7 @@ class RecurrentCache(Cache):
 
     def check_compatible(self, config: Any) -> None:
         """Raise a ValueError if this cache was built for a model of another shape."""
-        theirs = (config.n_prelude, config.n_core, config.n_coda, config.num_key_value_heads, config.attention_head_dim)
+        theirs = (config.n_prelude, config.n_core, config.n_coda, config.num_kv_heads, config.attention_head_dim)
         ours = (self.n_prelude, self.n_core, self.n_coda, *self.kv_shape)
         if theirs != ours:
             raise ValueError(
@@ -314,7 +328,7 @@ class RecurrentCache(Cache):
         held steps = num_steps, or min(core_slots, num_steps) with shared slots. A `StaticRecurrentCache`, or a
         `RecurrentCache` with reserve=length, allocates exactly this; one growing by doubling up to twice as much."""
         slots = RecurrentCache.slot_count(config, num_steps, core_slots)
-        return slots * 2 * batch * config.num_key_value_heads * config.attention_head_dim * length * dtype.itemsize
+        return slots * 2 * batch * config.num_kv_heads * config.attention_head_dim * length * dtype.itemsize
 
     @staticmethod
     def available_bytes(device: torch.device) -> int | None:
@@ -339,6 +353,8 @@ class StaticRecurrentSlot(CacheLayerMixin):
     is_compileable = True
     is_croppable = True
     is_sliding = False
+    keys: torch.Tensor  # allocated in __init__ and never dropped (reset zeroes them)
+    values: torch.Tensor
 
     def __init__(self, cache: StaticRecurrentCache, shape: tuple[int, ...], dtype: torch.dtype, device):
         super().__init__()
@@ -364,7 +380,8 @@ class StaticRecurrentSlot(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_cache_len, 0
 
-    def get_seq_length(self) -> torch.Tensor:
+    # A tensor, not an int: compiled decode steps read the length without a graph break or recompilation.
+    def get_seq_length(self) -> torch.Tensor:  # type: ignore[override]
         return self.cache.cumulative_length
 
     def get_max_length(self) -> int:
@@ -401,6 +418,10 @@ class StaticRecurrentCache(RecurrentCache):
     cache holds copies its last step into the remaining core slots at its positions, the eager form of
     `RecurrentCache`'s "latest" lookup, so a later call may run more steps (up to `num_steps`).
     """
+
+    # Cache's `layers` narrowed to this cache's own slots, which are not RecurrentSlots; `steps` is never None here.
+    layers: list[StaticRecurrentSlot]  # type: ignore[assignment]
+    steps: torch.Tensor
 
     def __init__(
         self,
@@ -491,10 +512,11 @@ class StaticRecurrentCache(RecurrentCache):
                 f"{int(self.cumulative_length)} overflows it (build it with a larger max_cache_len)"
             )
 
-    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
+    # Tensors, not ints (like Transformers' StaticLayer): a compiled decode step must not specialize on the length.
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:  # type: ignore[override]
         return self.cumulative_length
 
-    def get_query_offset(self, layer_idx: int = 0) -> torch.Tensor:
+    def get_query_offset(self, layer_idx: int = 0) -> torch.Tensor:  # type: ignore[override]
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:

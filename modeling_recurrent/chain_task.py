@@ -213,13 +213,14 @@ def check_carry(carry: object, paced: bool, n_queries: int, n_repeats: int, lite
     """`carry` as a probability, after checking the batches it needs: paced labels, a single query per problem and
     statements as the spec writes them (the hidden digits are those of the target's chain; another query, a
     repeated statement or a substituted operand would show them)."""
-    if check_probability("carry", carry) and (not paced or n_queries != 1 or n_repeats != 0 or literal_operands):
+    probability = check_probability("carry", carry)
+    if probability and (not paced or n_queries != 1 or n_repeats != 0 or literal_operands):
         raise ValueError(
             "carry hides the digits of the target's chain: it needs paced labels, one query per problem, no repeated "
             f"statements and no literal operands (got paced={paced}, n_queries={n_queries}, n_repeats={n_repeats}, "
             f"literal_operands={literal_operands})"
         )
-    return float(carry)
+    return probability
 
 
 def carry_inputs(
@@ -236,14 +237,17 @@ def carry_inputs(
     depth = 1 + max((len(r) for r in reads if r is not None), default=0)
     steps = input_ids[..., None].repeat(1, 1, depth)
     digit_of = {int(i): d for d, i in enumerate(digit_ids)}
-    cells = []  # (row, position, step, wrong id)
+    cells: list[tuple[int, int, int, int]] = []  # (row, position, step, wrong id)
     for row, positions in enumerate(reads):
         if positions is None:
             continue
         true = [digit_of[i] for i in input_ids[row, positions].tolist()]
         for step in range(depth):
-            cells.extend((row, col, step, digit_ids[(true[k] + rng.randint(1, MODULUS - 1)) % MODULUS])
-                         for k, col in enumerate(positions) if k != step)
+            cells.extend(
+                (row, col, step, digit_ids[(true[k] + rng.randint(1, MODULUS - 1)) % MODULUS])
+                for k, col in enumerate(positions)
+                if k != step
+            )
     if cells:  # one indexed write for the whole batch
         rows, cols, columns, ids = map(list, zip(*cells, strict=True))
         steps[rows, cols, columns] = torch.tensor(ids)
@@ -307,7 +311,8 @@ def training_example(
     queried = [problem.target, *rng.sample(others, min(n_queries - 1, len(others)))]
     rng.shuffle(queried)  # else the model could learn that the first query is always the target
     parts = [SEPARATOR.join(statements)]
-    length, positions = len(parts[0]), []
+    length = len(parts[0])
+    positions: list[int] = []
     for statement in rng.sample(statements, min(n_repeats, len(statements))):
         parts.append(SEPARATOR + statement)
         positions.extend(range(length + 2, length + 1 + len(statement)))  # after ';' and the variable name
@@ -344,9 +349,9 @@ class _Encoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
         vocab = tokenizer.get_vocab()
-        ids = {char: vocab.get(char) for char in ALPHABET}
+        ids = {char: vocab[char] for char in ALPHABET if char in vocab}
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        if None in ids.values() or self.pad_id is None or self.eos_id is None:
+        if len(ids) < len(ALPHABET) or self.pad_id is None or self.eos_id is None:
             raise ValueError("the tokenizer needs a pad token, an eos token and one token per task character")
         if max(*ids.values(), self.pad_id, self.eos_id) >= BYTE_IDS:
             raise ValueError(f"the task's token ids must be < {BYTE_IDS}")
@@ -367,7 +372,9 @@ class _Encoder:
         what a look-up one hop per recurrence step is labelled with after r steps (see `paced_labels`)."""
         width = max(map(len, texts)) + eos
         buffer = bytearray([self.pad_id]) * (len(texts) * width)
-        lengths, rows, cols = [], [], []
+        lengths: list[int] = []
+        rows: list[int] = []
+        cols: list[int] = []
         for row, (text, answers) in enumerate(zip(texts, positions, strict=True)):
             encoded = text.translate(self.table).encode("latin-1") + bytes([self.eos_id] if eos else [])
             buffer[row * width : row * width + len(encoded)] = encoded
@@ -380,12 +387,16 @@ class _Encoder:
         labels[rows, cols] = input_ids[rows, cols]
         cells = [(row, col, self.ids[char]) for row, pairs in enumerate(targets or ()) for col, char in pairs]
         if cells:  # one indexed write for the whole batch
-            target_rows, target_cols, ids = zip(*cells, strict=True)
-            labels[list(target_rows), list(target_cols)] = torch.tensor(ids)
+            target_rows, target_cols, target_ids = zip(*cells, strict=True)
+            labels[list(target_rows), list(target_cols)] = torch.tensor(target_ids)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if paced_steps is not None:
-            links = [(row, col, r, self.ids[char]) for row, pairs in enumerate(paced_steps) for col, steps in pairs
-                     for r, char in enumerate(steps)]
+            links = [
+                (row, col, r, self.ids[char])
+                for row, pairs in enumerate(paced_steps)
+                for col, steps in pairs
+                for r, char in enumerate(steps)
+            ]
             depth = 1 + max((r for _, _, r, _ in links), default=0)
             batch["chase_labels"] = torch.full((*input_ids.shape, depth), IGNORE_INDEX)
             if links:
@@ -459,8 +470,13 @@ def training_batch(
         if statement_values:
             targets.append(resolved_statement_targets(statements, problem.values))
         if paced:  # a query `;?x=D` is supervised at D, two characters after its variable
-            paced_steps.append([(i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
-                           for i in answers if text[i - 3] == "?"])
+            paced_steps.append(
+                [
+                    (i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
+                    for i in answers
+                    if text[i - 3] == "?"
+                ]
+            )
         if carry:  # drawn only with the option: data streams without it stay as they were
             reads.append(read_digits(statements, problem.target) if rng.random() < carry else None)
     encoder = encoder or _Encoder(tokenizer)
@@ -562,7 +578,7 @@ def evaluate_first_token(
     """
     problems = sample_problems(split, n, seed, max_hops=max_hops)
     device = getattr(model, "device", torch.device("cpu"))  # a PreTrainedModel's; plain modules run on the CPU
-    predictions = []
+    predictions: list[str] = []
     for ids, mask, last in prompt_batches(tokenizer, [p.prompt for p in problems], batch_size, device):
         logits = model(input_ids=ids, attention_mask=mask, **forward_kwargs).logits
         best = logits[torch.arange(len(ids), device=device), last].argmax(-1)

@@ -17,12 +17,15 @@ import argparse
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lm_eval  # optional dependency (the `eval` extra): without it `recurrent-depth eval` reports itself unavailable
 import torch
 
 from .convert.card import metric_items
+
+if TYPE_CHECKING:
+    from lm_eval.models.huggingface import HFLM
 
 PACKAGE = Path(__file__).resolve().parent
 TASK_PATH = PACKAGE / "tasks"
@@ -39,15 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-steps", default="1,4,16,32", help="comma-separated num_steps (maxima with an exit)")
     parser.add_argument("--exit-criterion", default=None, help="per-token adaptive exit, e.g. kl")
     parser.add_argument(
-        "--exit-threshold", type=_number, default=None,
+        "--exit-threshold",
+        type=_number,
+        default=None,
         help="threshold (default: the published one); an integer for argmax-stability",
     )
     parser.add_argument("--min-steps", type=int, default=0, help="steps before an exit is allowed")
     parser.add_argument("--init-scale", type=float, default=None, help="initial-state scale (0: deterministic)")
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (left-padded batches)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task (for quick checks)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available, else cpu)",
+    )
     parser.add_argument("--out", default="eval-out", help="output directory for results.json and the plot")
     parser.add_argument(
         "--print-task-path", action="store_true", help="print the folder of the shipped tasks (for --include_path)"
@@ -90,6 +98,7 @@ class StepTally:
     def record(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         inputs = kwargs.get("input_ids", args[0] if args else None)
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        assert inputs is not None  # the forward this hook follows ran, so it had input_ids or inputs_embeds
         batch, length = inputs.shape[:2]
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -108,7 +117,7 @@ class StepTally:
 
 
 @functools.cache
-def lm_class() -> type:
+def lm_class() -> type[HFLM]:
     """HFLM for recurrent-depth models, registered with lm-eval as "recurrent-depth" (defined on first use)."""
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM

@@ -213,11 +213,11 @@ def speculative_generate(
     while sequence.shape[1] - input_ids.shape[1] < max_new_tokens and not _stopped(sequence, eos, stopping_criteria):
         base = cache.get_seq_length()
         budget = max_new_tokens - (sequence.shape[1] - input_ids.shape[1])
-        drafts, token = [], sequence[:, -1:]
+        drafted, token = [], sequence[:, -1:]
         for _ in range(min(draft_tokens, budget)):
             token = step(token, draft_steps)[:, -1:]
-            drafts.append(token)
-        drafts = torch.cat(drafts, dim=1)
+            drafted.append(token)
+        drafts = torch.cat(drafted, dim=1)  # (1, k)
         cache.crop(base)
         verified = step(torch.cat([sequence[:, -1:], drafts], dim=1), num_steps)  # (1, k + 1)
         agree = (verified[0, :-1] == drafts[0]).long().cumprod(0)

@@ -14,20 +14,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
+from typing_extensions import TypeIs
 
 from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
 from .generation_recurrent_depth import ExitCriterion, make_exit_criterion, speculative_generate
 from .layers_recurrent_depth import Attention, BlockContext, GatedMLP, RecurrentBlock, RMSNorm, RotaryEmbedding
-from .serialization_recurrent_depth import StrictCheckpointMixin
+from .serialization_recurrent_depth import StrictCheckpointPreTrainedModel
 
 StepSpec = int | tuple[int, int]
 
@@ -68,7 +70,7 @@ def _one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | N
     return past_key_values if past_key_values is not None else cache
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeIs[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -106,7 +108,7 @@ class RecurrentDepthOutput(ModelOutput):
     steps_used: torch.Tensor | None = None
 
 
-class RecurrentDepthPreTrainedModel(StrictCheckpointMixin, PreTrainedModel):
+class RecurrentDepthPreTrainedModel(StrictCheckpointPreTrainedModel):
     config_class = RecurrentDepthConfig
     config: RecurrentDepthConfig
     base_model_prefix = "transformer"
@@ -171,7 +173,9 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if not isinstance(value, nn.Embedding):
+            raise TypeError(f"the input embeddings must be an nn.Embedding, got {type(value).__name__}")
         self.wte = value
 
     def initialize_state(self, embeds: torch.Tensor, init_scale: float) -> torch.Tensor:
@@ -236,12 +240,17 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         batch = state.shape[0]
         active = torch.arange(batch, device=state.device)
         steps_used = torch.full((batch,), max_steps, dtype=torch.long, device=state.device)
+        logit_head = cast(nn.Module, head)  # _exit_criterion refuses a criterion that reads logits without a head
         criterion.start(state)
         for step in range(max_steps):
             sub = ctx if len(active) == batch else ctx.select(active)
             new = self.core_step(state[active], embeds[active], sub, step)
             state[active] = new
-            done = criterion.check(active, new, lambda sub=sub, new=new: self.readout(new, sub, head)[:, -1])
+
+            def last_logits(new: torch.Tensor = new, sub: BlockContext = sub) -> torch.Tensor:
+                return self.readout(new, sub, logit_head)[:, -1]
+
+            done = criterion.check(active, new, last_logits)
             if step + 1 >= min_steps and done.any():
                 steps_used[active[done]] = step + 1
                 active = active[~done]
@@ -260,10 +269,10 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         """Scaled token embeddings (B, T, D), with the input checked against the vocabulary."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        given = input_ids if inputs_embeds is None else inputs_embeds
+        given = cast(torch.Tensor, input_ids if inputs_embeds is None else inputs_embeds)
         if given.dim() >= 2 and 0 in given.shape[:2]:
             raise ValueError(f"the input needs at least one row and one position, got shape {tuple(given.shape)}")
-        if inputs_embeds is None:
+        if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
             if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -277,18 +286,16 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
                     f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]"
                 )
-            inputs_embeds = self.wte(input_ids)
-        elif (
-            inputs_embeds.dim() != 3
-            or inputs_embeds.shape[-1] != self.config.hidden_size
-            or not inputs_embeds.is_floating_point()
-        ):
-            raise ValueError(
-                f"inputs_embeds must be a float tensor (batch, seq_len, {self.config.hidden_size}), got "
-                f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}"
-            )
-        inputs_embeds = inputs_embeds.to(self.wte.weight.dtype)
-        return inputs_embeds * self.config.embed_scale if self.config.scale_embeddings else inputs_embeds
+            embeds = self.wte(input_ids)
+        else:
+            embeds = given
+            if embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size or not embeds.is_floating_point():
+                raise ValueError(
+                    f"inputs_embeds must be a float tensor (batch, seq_len, {self.config.hidden_size}), got "
+                    f"{embeds.dtype} {tuple(embeds.shape)}"
+                )
+        embeds = embeds.to(self.wte.weight.dtype)
+        return embeds * self.config.embed_scale if self.config.scale_embeddings else embeds
 
     def block_context(
         self,
@@ -474,7 +481,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         )
 
     def _exit_criterion(
-        self, name: str | None, threshold: object, min_steps: object, max_steps: int, head: nn.Module | None
+        self, name: str | None, threshold: float | None, min_steps: object, max_steps: int, head: nn.Module | None
     ) -> ExitCriterion | None:
         """Validate the adaptive-exit arguments; None when adaptive exit is off."""
         if name is None:
@@ -510,15 +517,19 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def _prepare_cache_for_generation(
+    # Not the base signature (mypy's override check is silenced): this also takes the call forms of other
+    # Transformers 5 releases (defaults, extra keywords) and returns None, as the base does despite its `-> bool`.
+    def _prepare_cache_for_generation(  # type: ignore[override]
         self, generation_config, model_kwargs, generation_mode=None, batch_size=1, max_cache_length=None, **kwargs
     ) -> None:
         """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots); with
         cache_implementation="static" a StaticRecurrentCache sized for this call (length, rows, num_steps)."""
         if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
-            return super()._prepare_cache_for_generation(
+            # GenerationMixin types `self` as a Protocol no PreTrainedModel satisfies (its device is a property).
+            super()._prepare_cache_for_generation(  # type: ignore[misc]
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
             )
+            return None
         implementation = generation_config.cache_implementation
         if implementation == "static":
             if getattr(generation_config, "max_cache_len", None) is not None:

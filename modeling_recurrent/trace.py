@@ -124,7 +124,13 @@ class _Recorder:
             states=states,
             distance_to_final=(states - states[-1:]).norm(dim=-1),
             logits=self.logits,
-            **measures,
+            relative_change=measures["relative_change"],
+            cosine_distance=measures["cosine_distance"],
+            top_token=measures["top_token"],
+            top_prob=measures["top_prob"],
+            entropy=measures["entropy"],
+            kl=measures["kl"],
+            minp_kl=measures["minp_kl"],
         )
         traj.exit_steps, traj.exited = exit_steps(traj)
         return traj

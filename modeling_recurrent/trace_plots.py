@@ -48,9 +48,10 @@ def plot_convergence(traj: Trajectory, texts: list[str], path: Path) -> Path:
         values, aspect="auto", cmap="magma", interpolation="nearest", extent=(0.5, steps + 0.5, length - 0.5, -0.5)
     )
     fig.colorbar(image, ax=ax, label="log10 relative change ||s_i - s_(i-1)|| / ||s_i||")
-    exited, exit_step = traj.exited.get("latent-diff"), traj.exit_steps.get("latent-diff")
+    exited = traj.exited.get("latent-diff")
     if exited is not None and exited.any():
         rows = exited.nonzero()[:, 0]
+        exit_step = traj.exit_steps["latent-diff"]  # exit_steps has the criteria of exited
         ax.scatter(exit_step[rows].numpy(), rows.numpy(), marker="|", color="cyan", s=60, label="latent-diff exit")
         ax.legend(loc="upper right", fontsize=7)
     stride = max(1, length // 60)

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from .chain_task import (
     paced_labels,
 )
 from .layers_recurrent_depth import BlockContext
-from .modeling_recurrent_depth import sample_num_steps
+from .modeling_recurrent_depth import RecurrentDepthForCausalLM, RecurrentDepthModel, sample_num_steps
 from .train_args import TrainArgs, args_from_namespace
 from .train_args import add_arguments as add_arguments  # the command-line interface cli.py looks for
 
@@ -61,7 +62,8 @@ def distributed_setup() -> tuple[int, int, torch.device]:
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: decaying norm weights, biases or the (tied) embedding would pull the
     sandwich norms toward zero."""
-    decay, keep = [], []
+    decay: list[torch.nn.Parameter] = []
+    keep: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 and "wte" not in name else keep).append(param)
@@ -89,7 +91,7 @@ def build_model(args: TrainArgs):
             target_modules=["Wqkv", "proj", "fc", "adapter"],
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        return get_peft_model(model, lora)
     return model
 
 
@@ -132,13 +134,15 @@ def text_batch(blocks: torch.Tensor, batch_size: int, seed: int, step: int) -> d
     return {"input_ids": batch, "labels": batch.clone(), "attention_mask": torch.ones_like(batch)}
 
 
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(model: torch.nn.Module) -> RecurrentDepthForCausalLM:
     """The recurrent-depth causal LM inside `model` (a peft wrapper when training LoRA adapters, else itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a peft wrapper's
+    lm = get_base_model() if get_base_model is not None else model
+    return cast(RecurrentDepthForCausalLM, lm)  # the trainer builds only recurrent-depth models
 
 
 def column_states(
-    base: torch.nn.Module,
+    base: RecurrentDepthModel,
     columns: torch.Tensor,
     attention_mask: torch.Tensor,
     input_states: torch.Tensor,
@@ -196,8 +200,12 @@ class StepwiseLoss(torch.nn.Module):
         losses = []
         for depth, state in enumerate(states[num_steps[0] :], start=num_steps[0] + 1):
             step_labels = labels if chase_labels is None else paced_labels(labels, chase_labels, depth)
-            loss = partial(lm.loss_function, labels=step_labels, vocab_size=lm.config.vocab_size,
-                           num_items_in_batch=num_items_in_batch)
+            loss = partial(
+                lm.loss_function,
+                labels=step_labels,
+                vocab_size=lm.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
             step_loss = loss(logits=base.readout(state, ctx, lm.lm_head))
             if self.direct_weight:
                 step_loss = step_loss + self.direct_weight * loss(logits=lm.lm_head(base.ln_f(state)).float())
@@ -347,11 +355,19 @@ class Trainer:
             return text_batch(self._blocks, self.args.batch_size, self.args.seed, self.step)
         if self._chain is None:
             args = self.args
-            self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, n_queries=args.chain_queries,
-                                       n_repeats=args.chain_repeats, literal_operands=args.chain_literal_operands,
-                                       statement_values=args.chain_statement_values, backward=args.chain_backward,
-                                       paced=args.chain_paced, paced_offsets=args.chain_paced_offsets,
-                                       carry=args.chain_carry)
+            self._chain = ChainBatches(
+                self.tokenizer,
+                args.seed,
+                args.batch_size,
+                n_queries=args.chain_queries,
+                n_repeats=args.chain_repeats,
+                literal_operands=args.chain_literal_operands,
+                statement_values=args.chain_statement_values,
+                backward=args.chain_backward,
+                paced=args.chain_paced,
+                paced_offsets=args.chain_paced_offsets,
+                carry=args.chain_carry,
+            )
         most = self._max_hops()
         if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
             self._chain.hops, self._chain.hop_weights = (0, most), None
@@ -397,8 +413,9 @@ class Trainer:
         total = (batch["labels"][:, 1:] != -100).sum()
         if self.world > 1:
             dist.all_reduce(total)
-        inputs = dict(batch, num_steps=depth, input_states=self._initial_states(batch),
-                      num_items_in_batch=total.to(torch.float32))
+        inputs = dict(
+            batch, num_steps=depth, input_states=self._initial_states(batch), num_items_in_batch=total.to(torch.float32)
+        )
         deep = self.args.deep_supervision
         step_loss = self.ddp(**inputs, chase_labels=chase, **per_step) if deep else self.ddp(**inputs).loss
         # DDP averages gradients over ranks; the loss is a sum over this rank's tokens / global token count.
@@ -417,6 +434,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
+        result: dict[str, dict | float]
         if self.args.data == "chain":
             result = {
                 f"acc@{r}": evaluate_first_token(
@@ -431,6 +449,7 @@ class Trainer:
                 for r in self.args.eval_steps
             }
         else:
+            assert self._blocks is not None  # run() evaluates after a training step, which loaded the blocks
             batch = text_batch(self._blocks, self.args.batch_size, self.args.seed + 1, 0)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             result = {

@@ -58,8 +58,20 @@ class TrainArgs:
     mean_recurrence: int | None = None  # training depth mean (default: the config's)
 
     def __post_init__(self) -> None:
-        counts = {"steps": 1, "batch_size": 1, "seq_len": 1, "eval_every": 1, "eval_samples": 1, "save_every": 1,
-                  "chain_queries": 1, "warmup": 0, "seed": 0, "lora_rank": 0, "chain_repeats": 0, "chain_start_hops": 0}
+        counts = {
+            "steps": 1,
+            "batch_size": 1,
+            "seq_len": 1,
+            "eval_every": 1,
+            "eval_samples": 1,
+            "save_every": 1,
+            "chain_queries": 1,
+            "warmup": 0,
+            "seed": 0,
+            "lora_rank": 0,
+            "chain_repeats": 0,
+            "chain_start_hops": 0,
+        }
         if self.mean_recurrence is not None:
             counts["mean_recurrence"] = 1
         for name, low in counts.items():
@@ -70,8 +82,14 @@ class TrainArgs:
             _require(name, getattr(self, name), (int, float), lambda v: v >= 0, "a number >= 0")
         if self.direct_readout_weight and not self.deep_supervision:
             raise ValueError("--direct-readout-weight weights a loss of --deep-supervision's steps: give both")
-        for name in ("min_lr_ratio", "chain_advance_at", "chain_literal_operands", "chain_backward",
-                     "chain_paced_offsets", "chain_carry"):
+        for name in (
+            "min_lr_ratio",
+            "chain_advance_at",
+            "chain_literal_operands",
+            "chain_backward",
+            "chain_paced_offsets",
+            "chain_carry",
+        ):
             check_probability(_option(name), getattr(self, name))
         if self.chain_paced_offsets and not self.chain_paced:
             raise ValueError("--chain-paced-offsets labels the steps of --chain-paced: give both")
@@ -79,14 +97,23 @@ class TrainArgs:
             if not self.deep_supervision:
                 raise ValueError("--chain-carry needs --deep-supervision: each recurrence step gets its own input")
             try:
-                check_carry(self.chain_carry, self.chain_paced, self.chain_queries, self.chain_repeats,
-                            self.chain_literal_operands)
+                check_carry(
+                    self.chain_carry,
+                    self.chain_paced,
+                    self.chain_queries,
+                    self.chain_repeats,
+                    self.chain_literal_operands,
+                )
             except ValueError:
-                raise ValueError("--chain-carry needs --chain-paced, --chain-queries 1, --chain-repeats 0 and "
-                                 "--chain-literal-operands 0: it hides the digits of the target's chain") from None
+                raise ValueError(
+                    "--chain-carry needs --chain-paced, --chain-queries 1, --chain-repeats 0 and "
+                    "--chain-literal-operands 0: it hides the digits of the target's chain"
+                ) from None
         if self.deep_supervision and self.fsdp:
-            raise ValueError("--deep-supervision reads the model out between its own forward's parts, which FSDP "
-                             "does not gather: use DDP (drop --fsdp)")
+            raise ValueError(
+                "--deep-supervision reads the model out between its own forward's parts, which FSDP "
+                "does not gather: use DDP (drop --fsdp)"
+            )
         if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
             raise ValueError(f"--eval-steps must be positive integers, got {self.eval_steps!r}")
 
@@ -160,29 +187,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, or the chain tokenizer)")
     for name, help_text in _HELP.items():
         default = getattr(defaults, name)  # its type is the option's (None: an optional count)
-        parser.add_argument(_option(name), type=int if default is None else type(default), default=default,
-                            help=help_text)
+        parser.add_argument(
+            _option(name), type=int if default is None else type(default), default=default, help=help_text
+        )
     parser.add_argument(
         "--eval-steps",
         default=",".join(map(str, defaults.eval_steps)),
         help="comma-separated num_steps for periodic evaluation",
     )
     parser.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each recurrence step")
-    parser.add_argument("--deep-supervision", action="store_true",
-                        help="a loss read out after every recurrence step with gradient (averaged), not only the "
-                        "last; with --chain-paced step r is labelled for depth r, so every step of a chain's walk is "
-                        "a target in every batch (use --set mean_backprop_depth=N to put more steps under gradient)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
-    parser.add_argument("--chain-statement-values", action="store_true",
-                        help="chain data: also supervise, at each statement's ';', the value of every statement "
-                        "that follows from the ones before it (dense intermediate values; prompts are unchanged)")
-    parser.add_argument("--chain-paced", action="store_true",
-                        help="chain data: a query whose chain has more links than the step's drawn depth r is "
-                        "labelled with the variable r look-ups reach from it (`?g=` -> `d` for `g=d-8` at r=1), "
-                        "its value only from r = links + 1 on: one hop per recurrence step (prompts are unchanged)")
-    parser.add_argument("--no-curriculum", dest="chain_curriculum", action="store_false",
-                        help="chain data: train on hops 0-6 from the start instead of adding hops one at a time")
+    parser.add_argument(
+        "--deep-supervision",
+        action="store_true",
+        help="a loss read out after every recurrence step with gradient (averaged), not only the "
+        "last; with --chain-paced step r is labelled for depth r, so every step of a chain's walk is "
+        "a target in every batch (use --set mean_backprop_depth=N to put more steps under gradient)",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
+    )
+    parser.add_argument(
+        "--chain-statement-values",
+        action="store_true",
+        help="chain data: also supervise, at each statement's ';', the value of every statement "
+        "that follows from the ones before it (dense intermediate values; prompts are unchanged)",
+    )
+    parser.add_argument(
+        "--chain-paced",
+        action="store_true",
+        help="chain data: a query whose chain has more links than the step's drawn depth r is "
+        "labelled with the variable r look-ups reach from it (`?g=` -> `d` for `g=d-8` at r=1), "
+        "its value only from r = links + 1 on: one hop per recurrence step (prompts are unchanged)",
+    )
+    parser.add_argument(
+        "--no-curriculum",
+        dest="chain_curriculum",
+        action="store_false",
+        help="chain data: train on hops 0-6 from the start instead of adding hops one at a time",
+    )
 
 
 def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:

@@ -13,11 +13,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .chain_task import MODULUS, VARIABLES, Problem, chase, prompt_batches, sample_problems
+
+if TYPE_CHECKING:
+    from .modeling_recurrent_depth import RecurrentDepthForCausalLM
 
 DONE = len(VARIABLES)  # the pointer's class once the walk has read the chain's literal
 
@@ -60,7 +64,7 @@ def label_tensors(labels: Sequence[WalkLabels]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def answer_states(
-    model: torch.nn.Module,
+    model: RecurrentDepthForCausalLM,
     tokenizer,
     prompts: Sequence[str],
     num_steps: int,
@@ -120,7 +124,7 @@ def majority_rate(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
 
 
 def walk_probe(
-    model: torch.nn.Module,
+    model: RecurrentDepthForCausalLM,
     tokenizer,
     *,
     num_steps: int = 7,
@@ -150,7 +154,12 @@ def walk_probe(
             ("answer", "offset", MODULUS, False),
         ):
             fit_rows, test_rows = fit["walking"][:, r] == walking, test["walking"][:, r] == walking
-            entry = {"fit": int(fit_rows.sum()), "test": int(test_rows.sum()), "accuracy": None, "majority": None}
+            entry: dict[str, int | float | None] = {
+                "fit": int(fit_rows.sum()),
+                "test": int(test_rows.sum()),
+                "accuracy": None,
+                "majority": None,
+            }
             if entry["fit"] and entry["test"]:
                 fit_y, test_y = fit[key][fit_rows, r], test[key][test_rows, r]
                 entry["accuracy"] = fit_probe(

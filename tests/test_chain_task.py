@@ -297,7 +297,6 @@ def test_literal_operands_keep_every_value():
         substitute_operands(sample_problems("harder", 1, seed=0)[0], random.Random(0), 1.5)
 
 
-
 def written_statements(text: str) -> list[str]:
     """The problem's statements at the start of a training text: they end where a query or a repeated variable
     begins."""
@@ -333,8 +332,10 @@ def test_statement_values_supervise_what_the_text_so_far_determines():
         statements = written_statements(text)
         rules = parse(statements, LITERAL_STATEMENT)
         values = {name: resolve(rules, name)[0] for name in rules}
-        added = [(i, tok.convert_ids_to_tokens(int(rich["labels"][row, i])))
-                 for i in (rich["labels"][row] != -100).logical_and(~kept[row]).nonzero().flatten().tolist()]
+        added = [
+            (i, tok.convert_ids_to_tokens(int(rich["labels"][row, i])))
+            for i in (rich["labels"][row] != -100).logical_and(~kept[row]).nonzero().flatten().tolist()
+        ]
         assert added == resolved_statement_targets(statements, values)
 
 

@@ -18,8 +18,21 @@ def test_a_missing_optional_dependency_names_the_extra_to_install(tmp_path, monk
     (tmp_path / "notes.jsonl").write_text('{"text": "hello"}\n')
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(tmp_path / "run"), "--config", "tiny", "--steps", "1",
-              "--data", str(tmp_path / "notes.jsonl"), "--tokenizer", str(SHIPPED)])
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "--config",
+                "tiny",
+                "--steps",
+                "1",
+                "--data",
+                str(tmp_path / "notes.jsonl"),
+                "--tokenizer",
+                str(SHIPPED),
+            ]
+        )
     assert exit_info.value.code == 2
     assert 'pip install "modeling-recurrent[train]"' in capsys.readouterr().err
 

@@ -15,8 +15,18 @@ from modeling_recurrent.cli import main
 from modeling_recurrent.train import Trainer
 from modeling_recurrent.train_args import TrainArgs, add_arguments, args_from_namespace
 
-TINY = ["--config", "tiny", "--set", "vocab_size=44", "--set", "hidden_size=32", "--set", "mean_recurrence=3",
-        "--set", "mean_backprop_depth=2"]
+TINY = [
+    "--config",
+    "tiny",
+    "--set",
+    "vocab_size=44",
+    "--set",
+    "hidden_size=32",
+    "--set",
+    "mean_recurrence=3",
+    "--set",
+    "mean_backprop_depth=2",
+]
 
 
 def losses(out) -> list[float]:
@@ -25,8 +35,27 @@ def losses(out) -> list[float]:
 
 def train_args(out, steps: int, *extra: str) -> list[str]:
     """`recurrent-depth train` arguments of a tiny chain run (later options override earlier ones)."""
-    return ["train", "--data", "chain", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
-            "--eval-every", "1000", "--save-every", "2", "--warmup", "1", "--lr", "3e-3", *TINY, *extra]
+    return [
+        "train",
+        "--data",
+        "chain",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "2",
+        "--warmup",
+        "1",
+        "--lr",
+        "3e-3",
+        *TINY,
+        *extra,
+    ]
 
 
 def train(out, *extra, steps=6):
@@ -34,9 +63,20 @@ def train(out, *extra, steps=6):
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
-    args = TrainArgs(out=str(tmp_path), config="tiny", steps=40, batch_size=16, lr=3e-3, warmup=2, eval_every=20,
-                     eval_samples=16, eval_steps=[1, 3], save_every=100, chain_curriculum=False,
-                     config_overrides={"mean_recurrence": 3, "mean_backprop_depth": 2})
+    args = TrainArgs(
+        out=str(tmp_path),
+        config="tiny",
+        steps=40,
+        batch_size=16,
+        lr=3e-3,
+        warmup=2,
+        eval_every=20,
+        eval_samples=16,
+        eval_steps=[1, 3],
+        save_every=100,
+        chain_curriculum=False,
+        config_overrides={"mean_recurrence": 3, "mean_backprop_depth": 2},
+    )
     trainer = Trainer(args)
     final = trainer.run()
     curve = [r["loss"] for r in trainer.history]
@@ -71,8 +111,16 @@ def test_text_data_with_loss_on_every_token(tmp_path):
     (tmp_path / "data.jsonl").write_text(
         "\n".join(json.dumps({"text": p.prompt + p.answer}) for p in sample_problems("in-distribution", 60, 0))
     )
-    train(tmp_path / "run", "--data", str(tmp_path / "data.jsonl"), "--tokenizer", str(tmp_path / "tok"),
-          "--seq-len", "32", steps=3)
+    train(
+        tmp_path / "run",
+        "--data",
+        str(tmp_path / "data.jsonl"),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--seq-len",
+        "32",
+        steps=3,
+    )
     assert len(losses(tmp_path / "run")) == 3
 
 
@@ -89,8 +137,18 @@ def test_text_batches_supervise_every_token_of_distinct_blocks():
 
 def torchrun(out, steps: int, *extra: str, port: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "modeling_recurrent.cli", *train_args(out, steps, "--eval-every", "3", "--eval-samples", "8", *extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "modeling_recurrent.cli",
+        *train_args(out, steps, "--eval-every", "3", "--eval-samples", "8", *extra),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -102,8 +160,11 @@ def evaluations(out) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("sharding", "objective", "port"),
-    [([], [], 29533), (["--fsdp"], [], 29537),
-     ([], ["--deep-supervision", "--chain-paced", "--chain-paced-offsets", "0.5"], 29535)],
+    [
+        ([], [], 29533),
+        (["--fsdp"], [], 29537),
+        ([], ["--deep-supervision", "--chain-paced", "--chain-paced-offsets", "0.5"], 29535),
+    ],
     ids=["ddp", "fsdp", "ddp-deep-supervision"],
 )
 def test_torchrun_two_processes_match_one(tmp_path, sharding, objective, port):
@@ -115,7 +176,10 @@ def test_torchrun_two_processes_match_one(tmp_path, sharding, objective, port):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert evaluations(tmp_path / "two") == evaluations(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == [
-        "checkpoint-last", "final", "log.jsonl"]
+        "checkpoint-last",
+        "final",
+        "log.jsonl",
+    ]
     one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "final") for name in ("one", "two"))
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
@@ -152,9 +216,21 @@ def test_mean_recurrence_sets_the_training_depth_and_min_lr_ratio_the_final_rate
         return original(mean, *rest)
 
     monkeypatch.setattr(train_module, "sample_num_steps", recording)
-    trainer = Trainer(TrainArgs(out=str(tmp_path), config="tiny", steps=3, batch_size=2, warmup=0, lr=1e-3,
-                                min_lr_ratio=0.25, mean_recurrence=2, eval_every=100, save_every=100,
-                                config_overrides={"vocab_size": 44, "hidden_size": 32, "mean_backprop_depth": 1}))
+    trainer = Trainer(
+        TrainArgs(
+            out=str(tmp_path),
+            config="tiny",
+            steps=3,
+            batch_size=2,
+            warmup=0,
+            lr=1e-3,
+            min_lr_ratio=0.25,
+            mean_recurrence=2,
+            eval_every=100,
+            save_every=100,
+            config_overrides={"vocab_size": 44, "hidden_size": 32, "mean_backprop_depth": 1},
+        )
+    )
     trainer.run()
     assert means == [2, 2, 2]
     assert trainer.history[-1]["lr"] == pytest.approx(0.25e-3)
@@ -176,8 +252,15 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches
 
     def trainer(weight):
-        t = Trainer(TrainArgs(out=str(tmp_path / str(weight)), config="tiny", batch_size=4,
-                              chain_frontier_weight=weight, config_overrides={"vocab_size": 44, "hidden_size": 32}))
+        t = Trainer(
+            TrainArgs(
+                out=str(tmp_path / str(weight)),
+                config="tiny",
+                batch_size=4,
+                chain_frontier_weight=weight,
+                config_overrides={"vocab_size": 44, "hidden_size": 32},
+            )
+        )
         t.curriculum_hops = 2
         return t
 
@@ -193,8 +276,17 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
 def test_statement_values_option_reaches_the_data(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches
 
-    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
-            "--chain-statement-values"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--set",
+        "hidden_size=32",
+        "--chain-statement-values",
+    ]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     trainer = Trainer(args_from_namespace(parser.parse_args(args)))
@@ -205,8 +297,18 @@ def test_statement_values_option_reaches_the_data(tmp_path):
 def test_backward_option_reaches_the_data(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches
 
-    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
-            "--chain-backward", "0.5"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--set",
+        "hidden_size=32",
+        "--chain-backward",
+        "0.5",
+    ]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     trainer = Trainer(args_from_namespace(parser.parse_args(args)))
@@ -219,8 +321,21 @@ def test_backward_option_reaches_the_data(tmp_path):
 def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches, paced_labels
 
-    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
-            "--set", "mean_backprop_depth=1", "--mean-recurrence", "2", "--chain-paced"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--set",
+        "hidden_size=32",
+        "--set",
+        "mean_backprop_depth=1",
+        "--mean-recurrence",
+        "2",
+        "--chain-paced",
+    ]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     trainer = Trainer(args_from_namespace(parser.parse_args(args)))
@@ -246,9 +361,24 @@ def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
 
 
 def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tmp_path):
-    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
-            "--set", "mean_backprop_depth=3", "--chain-paced", "--chain-paced-offsets", "0.5", "--deep-supervision",
-            "--warmup", "0"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--set",
+        "hidden_size=32",
+        "--set",
+        "mean_backprop_depth=3",
+        "--chain-paced",
+        "--chain-paced-offsets",
+        "0.5",
+        "--deep-supervision",
+        "--warmup",
+        "0",
+    ]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     trainer = Trainer(args_from_namespace(parser.parse_args(args)))
@@ -261,8 +391,12 @@ def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tm
         loss = trainer.ddp(**plain, num_steps=steps, input_states=states, num_items_in_batch=count, chase_labels=chase)
         with torch.no_grad():
             expected = [
-                model(**dict(plain, labels=paced_labels(batch["labels"], chase, depth)), num_steps=depth,
-                      input_states=states, num_items_in_batch=count).loss
+                model(
+                    **dict(plain, labels=paced_labels(batch["labels"], chase, depth)),
+                    num_steps=depth,
+                    input_states=states,
+                    num_items_in_batch=count,
+                ).loss
                 for depth in range(steps[0] + 1, sum(steps) + 1)
             ]
         torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
@@ -276,15 +410,32 @@ def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tm
 
 
 def test_direct_readout_weight_adds_each_steps_loss_read_from_the_state_without_the_coda(tmp_path):
-    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
-            "--set", "mean_backprop_depth=3", "--chain-paced", "--deep-supervision", "--warmup", "0"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--set",
+        "hidden_size=32",
+        "--set",
+        "mean_backprop_depth=3",
+        "--chain-paced",
+        "--deep-supervision",
+        "--warmup",
+        "0",
+    ]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     trainer = Trainer(args_from_namespace(parser.parse_args([*args, "--direct-readout-weight", "0.5"])))
     batch = trainer.global_batch()
     model, base = trainer.model, trainer.model.transformer
-    inputs = dict(batch, input_states=trainer._initial_states(batch),
-                  num_items_in_batch=(batch["labels"][:, 1:] != -100).sum().float())
+    inputs = dict(
+        batch,
+        input_states=trainer._initial_states(batch),
+        num_items_in_batch=(batch["labels"][:, 1:] != -100).sum().float(),
+    )
     loss = trainer.ddp(**inputs, num_steps=(0, 2))
     trainer.ddp.direct_weight = 0.0
     coda_only = trainer.ddp(**inputs, num_steps=(0, 2))
@@ -294,9 +445,14 @@ def test_direct_readout_weight_adds_each_steps_loss_read_from_the_state_without_
         for r in range(2):
             state = base.core_step(state, xs, ctx, r)
             labels = paced_labels(batch["labels"], batch["chase_labels"], r + 1)
-            direct.append(model.loss_function(logits=model.lm_head(base.ln_f(state)).float(), labels=labels,
-                                            vocab_size=model.config.vocab_size,
-                                            num_items_in_batch=inputs["num_items_in_batch"]))
+            direct.append(
+                model.loss_function(
+                    logits=model.lm_head(base.ln_f(state)).float(),
+                    labels=labels,
+                    vocab_size=model.config.vocab_size,
+                    num_items_in_batch=inputs["num_items_in_batch"],
+                )
+            )
     torch.testing.assert_close(loss, coda_only + 0.5 * torch.stack(direct).mean(), rtol=1e-5, atol=1e-6)
     assert loss.requires_grad and not torch.allclose(loss, coda_only)
     with pytest.raises(ValueError, match="--direct-readout-weight.*--deep-supervision"):
@@ -306,17 +462,40 @@ def test_direct_readout_weight_adds_each_steps_loss_read_from_the_state_without_
 
 
 def test_carry_option_gives_each_step_the_input_of_its_column(tmp_path):
-    args = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32",
-            "--set", "mean_backprop_depth=3", "--chain-paced", "--deep-supervision", "--chain-queries", "1",
-            "--chain-repeats", "0", "--chain-carry", "1", "--warmup", "0"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--set",
+        "hidden_size=32",
+        "--set",
+        "mean_backprop_depth=3",
+        "--chain-paced",
+        "--deep-supervision",
+        "--chain-queries",
+        "1",
+        "--chain-repeats",
+        "0",
+        "--chain-carry",
+        "1",
+        "--warmup",
+        "0",
+    ]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     trainer = Trainer(args_from_namespace(parser.parse_args(args)))
     batch = trainer.global_batch()
     assert batch["step_input_ids"].shape[:2] == batch["input_ids"].shape
     plain = {k: v for k, v in batch.items() if k not in ("chase_labels", "step_input_ids")}
-    common = dict(plain, input_states=trainer._initial_states(batch), chase_labels=batch["chase_labels"],
-                  num_items_in_batch=(batch["labels"][:, 1:] != -100).sum().float())
+    common = dict(
+        plain,
+        input_states=trainer._initial_states(batch),
+        chase_labels=batch["chase_labels"],
+        num_items_in_batch=(batch["labels"][:, 1:] != -100).sum().float(),
+    )
     ids = batch["input_ids"]
     other = torch.where(ids > 2, torch.randint(3, 44, ids.shape), ids)
     first_only = torch.stack([ids, other], dim=-1)  # step 1 sees the text, every later step another one

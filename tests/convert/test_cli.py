@@ -82,7 +82,8 @@ def test_upload_dry_run(tmp_path):
 
 
 def test_bad_shard_size_fails_before_reading_the_source(tmp_path):
-    args = parser().parse_args(["convert", "huginn", str(tmp_path / "missing"), str(tmp_path / "out"),
-                                "--max-shard-size", "0.5GB"])
+    args = parser().parse_args(
+        ["convert", "huginn", str(tmp_path / "missing"), str(tmp_path / "out"), "--max-shard-size", "0.5GB"]
+    )
     with pytest.raises(ValueError, match="--max-shard-size"):
         args.func(args)

@@ -85,8 +85,9 @@ def test_peak_memory_is_about_one_tensor(tmp_path):
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize(("size", "expected"), [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500MB", 5 * 10**8),
-                                                ("1000", 1000), (1000, 1000)])
+@pytest.mark.parametrize(
+    ("size", "expected"), [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500MB", 5 * 10**8), ("1000", 1000), (1000, 1000)]
+)
 def test_shard_sizes_parse(size, expected):
     from modeling_recurrent.convert.shards import parse_shard_size
 

@@ -92,7 +92,7 @@ class RecurrentDepthConfig(PreTrainedConfig):
     model_type = "recurrent_depth"
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
     attribute_map: ClassVar[dict[str, str]] = {"num_steps": "mean_recurrence"}
-    default_theta: ClassVar[float] = 50_000.0
+    default_theta = 50_000.0  # huginn-0125's; read by Transformers' RoPE standardization
 
     vocab_size: int = 65536
     hidden_size: int = 5280
@@ -153,22 +153,23 @@ class RecurrentDepthConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); set head_dim explicitly"
             )
-        if self.num_attention_heads % self.num_key_value_heads != 0:
+        if self.num_attention_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
         if self.attention_head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.attention_head_dim}")
-        if self.qk_bias and self.num_key_value_heads != self.num_attention_heads:
+        if self.qk_bias and self.num_kv_heads != self.num_attention_heads:
             raise ValueError(
                 f"qk_bias (huginn's (2, 1, heads, head_dim) parameter) needs num_key_value_heads "
                 f"({self.num_key_value_heads}) == num_attention_heads ({self.num_attention_heads})"
             )
-        theta = (self.rope_parameters or {}).get("rope_theta")
+        rope = self.rope_parameters or {}
+        theta = rope.get("rope_theta")
         if not _positive_number(theta):
             raise ValueError(f"rope_parameters.rope_theta must be a positive number, got {theta!r}")
-        rope_type = self.rope_parameters.get("rope_type", "default")
+        rope_type = rope.get("rope_type", "default")
         if not hasattr(self, f"_validate_{rope_type}_rope_parameters"):  # Transformers only logs a warning
             raise ValueError(f"rope_parameters.rope_type={rope_type!r} is not a RoPE type Transformers knows")
         try:
@@ -180,6 +181,11 @@ class RecurrentDepthConfig(PreTrainedConfig):
     def attention_head_dim(self) -> int:
         """Width of one attention head: `head_dim` when given, else hidden_size // num_attention_heads."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: `num_key_value_heads`, or num_attention_heads (plain multi-head attention) when None."""
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     @property
     def num_hidden_layers(self) -> int:

@@ -37,6 +37,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables (B, T, 1, hd) from position ids; built once per forward and shared by all blocks."""
 
+    inv_freq: torch.Tensor  # a buffer
+
     def __init__(self, config: RecurrentDepthConfig):
         super().__init__()
         self.config = config
@@ -47,9 +49,10 @@ class RotaryEmbedding(nn.Module):
     def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
         """Inverse frequencies (hd/2,) in float32 and the attention scaling of the configured rope type."""
         config = self.config
-        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        rope = config.rope_parameters or {}  # never None once the config validated itself
+        rope_type = rope.get("rope_type", "default")
         if rope_type == "default":
-            dim, theta = config.attention_head_dim, config.rope_parameters["rope_theta"]
+            dim, theta = config.attention_head_dim, rope["rope_theta"]
             return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
         if rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(
@@ -128,7 +131,7 @@ class Attention(nn.Module):
     def __init__(self, config: RecurrentDepthConfig):
         super().__init__()
         self.config = config
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_kv_heads
         self.head_dim = config.attention_head_dim
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5

@@ -1,4 +1,4 @@
-"""Strict loading and atomic saving of checkpoint folders, mixed into the recurrent-depth PreTrainedModel.
+"""Strict loading and atomic saving of checkpoint folders: the PreTrainedModel base of the recurrent-depth models.
 
 This file travels as remote code with every saved model, next to modeling_recurrent_depth.py.
 """
@@ -13,11 +13,12 @@ import uuid
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel
 
 
-class StrictCheckpointMixin:
-    """`from_pretrained` that refuses weights not matching the config and `save_pretrained` that never leaves a
-    half-written folder; put it before `PreTrainedModel` in the bases."""
+class StrictCheckpointPreTrainedModel(PreTrainedModel):
+    """A PreTrainedModel whose `from_pretrained` refuses weights that do not match the config and whose
+    `save_pretrained` never leaves a half-written folder."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
