@@ -103,7 +103,7 @@ def huginn_config_to_ours(published: Mapping[str, Any]) -> RecurrentDepthConfig:
 def huginn_config_from_ours(config: RecurrentDepthConfig, code_repo: str = HUB_CODE_REPO) -> dict[str, Any]:
     """A published-format config.json dict; its auto_map points at the reference code in `code_repo` on the Hub."""
     wrong = {k: getattr(config, k) for k, v in PUBLISHED_ARCHITECTURE.items() if getattr(config, k) != v}
-    if config.num_key_value_heads != config.num_attention_heads:
+    if config.num_kv_heads != config.num_attention_heads:
         wrong["num_key_value_heads"] = config.num_key_value_heads
     if config.attention_head_dim * config.num_attention_heads != config.hidden_size:
         wrong["head_dim"] = config.head_dim

@@ -36,12 +36,10 @@ EMBEDDING = "transformer.wte.weight"
 
 def _qkv_sizes(config: RecurrentDepthConfig) -> tuple[int, int, int]:
     head_dim = config.attention_head_dim
-    kv_heads = config.num_key_value_heads
-    assert kv_heads is not None  # __post_init__ defaults it to num_attention_heads
     return (
         config.num_attention_heads * head_dim,
-        kv_heads * head_dim,
-        kv_heads * head_dim,
+        config.num_kv_heads * head_dim,
+        config.num_kv_heads * head_dim,
     )
 
 

@@ -8,7 +8,7 @@ import torch
 from modeling_recurrent import RecurrentDepthForCausalLM
 from modeling_recurrent.modeling_recurrent_depth import resolve_num_steps, sample_num_steps
 
-from .conftest import tiny_model
+from .conftest import tiny_config, tiny_model
 
 
 def ids(batch=2, length=7, vocab=64, seed=0):
@@ -241,3 +241,26 @@ def test_bad_inputs(model):
 def test_model_is_a_causal_lm(model):
     assert isinstance(model, RecurrentDepthForCausalLM)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_set_input_embeddings_refuses_other_modules(model):
+    with pytest.raises(TypeError, match="nn.Embedding"):
+        model.set_input_embeddings(torch.nn.Linear(32, 64))
+    embedding = torch.nn.Embedding(64, 32)
+    model.set_input_embeddings(embedding)
+    assert model.get_input_embeddings() is embedding
+
+
+def test_key_value_heads_unset_after_construction_mean_one_per_attention_head():
+    config = tiny_config()
+    config.num_key_value_heads = None  # allowed by the field's rule, as at construction
+    assert config.num_kv_heads == config.num_attention_heads
+    torch.manual_seed(0)
+    unset = RecurrentDepthForCausalLM(config).eval()
+    torch.manual_seed(0)
+    explicit = RecurrentDepthForCausalLM(tiny_config(num_key_value_heads=4)).eval()
+    x = ids()
+    with torch.no_grad():
+        logits = [m(x, num_steps=2, init_scale=0.0).logits for m in (unset, explicit)]
+        torch.testing.assert_close(*logits, rtol=0, atol=0)
+        unset.generate(x, num_steps=2, max_new_tokens=2, do_sample=False)  # the cache sizes its slots from it too
