@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -60,6 +61,14 @@ def train_args(out, steps: int, *extra: str) -> list[str]:
 
 def train(out, *extra, steps=6):
     assert main(train_args(out, steps, *extra)) == 0
+
+
+def tiny_trainer(tmp_path, options: str) -> Trainer:
+    """The Trainer `recurrent-depth train` builds for a tiny chain run (batch 4, width 32) with these options."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--out", str(tmp_path), "--config", "tiny", "--batch-size", "4", "--set", "hidden_size=32"]
+    return Trainer(args_from_namespace(parser.parse_args([*base, *shlex.split(options)])))
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -276,20 +285,7 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
 def test_statement_values_option_reaches_the_data(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches
 
-    args = [
-        "--out",
-        str(tmp_path),
-        "--config",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--set",
-        "hidden_size=32",
-        "--chain-statement-values",
-    ]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    trainer = tiny_trainer(tmp_path, "--chain-statement-values")
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, statement_values=True).batch(0)
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
 
@@ -297,21 +293,7 @@ def test_statement_values_option_reaches_the_data(tmp_path):
 def test_backward_option_reaches_the_data(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches
 
-    args = [
-        "--out",
-        str(tmp_path),
-        "--config",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--set",
-        "hidden_size=32",
-        "--chain-backward",
-        "0.5",
-    ]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    trainer = tiny_trainer(tmp_path, "--chain-backward 0.5")
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, backward=0.5).batch(0)
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="--chain-backward"):
@@ -321,24 +303,7 @@ def test_backward_option_reaches_the_data(tmp_path):
 def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
     from modeling_recurrent.chain_task import ChainBatches, paced_labels
 
-    args = [
-        "--out",
-        str(tmp_path),
-        "--config",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--set",
-        "hidden_size=32",
-        "--set",
-        "mean_backprop_depth=1",
-        "--mean-recurrence",
-        "2",
-        "--chain-paced",
-    ]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    trainer = tiny_trainer(tmp_path, "--set mean_backprop_depth=1 --mean-recurrence 2 --chain-paced")
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, paced=True).batch(0)
     batch = trainer.global_batch()
     assert all(torch.equal(batch[k], expected[k]) for k in expected) and "chase_labels" in batch
@@ -361,27 +326,9 @@ def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
 
 
 def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tmp_path):
-    args = [
-        "--out",
-        str(tmp_path),
-        "--config",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--set",
-        "hidden_size=32",
-        "--set",
-        "mean_backprop_depth=3",
-        "--chain-paced",
-        "--chain-paced-offsets",
-        "0.5",
-        "--deep-supervision",
-        "--warmup",
-        "0",
-    ]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    trainer = tiny_trainer(
+        tmp_path, "--set mean_backprop_depth=3 --chain-paced --chain-paced-offsets 0.5 --deep-supervision --warmup 0"
+    )
     batch = trainer.global_batch()
     model = trainer.model
     chase, states = batch["chase_labels"], trainer._initial_states(batch)
@@ -410,25 +357,8 @@ def test_deep_supervision_averages_the_paced_loss_of_every_step_with_gradient(tm
 
 
 def test_direct_readout_weight_adds_each_steps_loss_read_from_the_state_without_the_coda(tmp_path):
-    args = [
-        "--out",
-        str(tmp_path),
-        "--config",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--set",
-        "hidden_size=32",
-        "--set",
-        "mean_backprop_depth=3",
-        "--chain-paced",
-        "--deep-supervision",
-        "--warmup",
-        "0",
-    ]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args([*args, "--direct-readout-weight", "0.5"])))
+    options = "--set mean_backprop_depth=3 --chain-paced --deep-supervision --warmup 0 --direct-readout-weight 0.5"
+    trainer = tiny_trainer(tmp_path, options)
     batch = trainer.global_batch()
     model, base = trainer.model, trainer.model.transformer
     inputs = dict(
@@ -462,31 +392,11 @@ def test_direct_readout_weight_adds_each_steps_loss_read_from_the_state_without_
 
 
 def test_carry_option_gives_each_step_the_input_of_its_column(tmp_path):
-    args = [
-        "--out",
-        str(tmp_path),
-        "--config",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--set",
-        "hidden_size=32",
-        "--set",
-        "mean_backprop_depth=3",
-        "--chain-paced",
-        "--deep-supervision",
-        "--chain-queries",
-        "1",
-        "--chain-repeats",
-        "0",
-        "--chain-carry",
-        "1",
-        "--warmup",
-        "0",
-    ]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    trainer = Trainer(args_from_namespace(parser.parse_args(args)))
+    trainer = tiny_trainer(
+        tmp_path,
+        "--set mean_backprop_depth=3 --chain-paced --deep-supervision --chain-queries 1 --chain-repeats 0 "
+        "--chain-carry 1 --warmup 0",
+    )
     batch = trainer.global_batch()
     assert batch["step_input_ids"].shape[:2] == batch["input_ids"].shape
     plain = {k: v for k, v in batch.items() if k not in ("chase_labels", "step_input_ids")}
