@@ -267,7 +267,7 @@ def cache_bytes(cache: Any) -> tuple[int, int]:
 
 def chain_texts(tokenizer, n: int, seed: int, n_queries: int = 4) -> list[dict[str, torch.Tensor]]:
     """`n` chain-task texts (statements, then answered queries) as single rows: ids (1, L) and labels at the answers."""
-    from .chain_task import training_batch
+    from .chain_training import training_batch
 
     batch = training_batch(tokenizer, random.Random(seed), n, n_queries=n_queries)
     rows = []

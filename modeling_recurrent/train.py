@@ -31,13 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
-from .chain_task import (
-    SPLITS,
-    ChainBatches,
-    build_tokenizer,
-    evaluate_first_token,
-    paced_labels,
-)
+from .chain_task import SPLITS, build_tokenizer, evaluate_first_token
+from .chain_training import ChainBatches, paced_labels
 from .layers_recurrent_depth import BlockContext
 from .modeling_recurrent_depth import RecurrentDepthForCausalLM, RecurrentDepthModel, sample_num_steps
 from .train_args import TrainArgs, args_from_namespace

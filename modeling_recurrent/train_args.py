@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
-from .chain_task import check_carry, check_probability
+from .chain_training import check_carry, check_probability
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_recurrent.chain_task import paced_labels
+from modeling_recurrent.chain_training import paced_labels
 from modeling_recurrent.cli import main
 from modeling_recurrent.train import Trainer
 from modeling_recurrent.train_args import TrainArgs, add_arguments, args_from_namespace
@@ -258,7 +258,7 @@ def test_history_table_lists_each_evaluation_with_the_loss_before_it():
 
 
 def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
-    from modeling_recurrent.chain_task import ChainBatches
+    from modeling_recurrent.chain_training import ChainBatches
 
     def trainer(weight):
         t = Trainer(
@@ -283,7 +283,7 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
 
 
 def test_statement_values_option_reaches_the_data(tmp_path):
-    from modeling_recurrent.chain_task import ChainBatches
+    from modeling_recurrent.chain_training import ChainBatches
 
     trainer = tiny_trainer(tmp_path, "--chain-statement-values")
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, statement_values=True).batch(0)
@@ -291,7 +291,7 @@ def test_statement_values_option_reaches_the_data(tmp_path):
 
 
 def test_backward_option_reaches_the_data(tmp_path):
-    from modeling_recurrent.chain_task import ChainBatches
+    from modeling_recurrent.chain_training import ChainBatches
 
     trainer = tiny_trainer(tmp_path, "--chain-backward 0.5")
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, backward=0.5).batch(0)
@@ -301,7 +301,7 @@ def test_backward_option_reaches_the_data(tmp_path):
 
 
 def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
-    from modeling_recurrent.chain_task import ChainBatches, paced_labels
+    from modeling_recurrent.chain_training import ChainBatches, paced_labels
 
     trainer = tiny_trainer(tmp_path, "--set mean_backprop_depth=1 --mean-recurrence 2 --chain-paced")
     expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, paced=True).batch(0)

@@ -1,7 +1,7 @@
 """Experiment (not part of the package): does a `train --chain-carry` model carry in every text order?
 
 For fresh 1- and 2-hop problems, answers each one three ways (`init_scale=0`): clean after hops + 1 steps; with the
-chain's digits hidden as in training (`chain_task.carry_inputs`: step r sees only the digit its walk reads) after
+chain's digits hidden as in training (`chain_training.carry_inputs`: step r sees only the digit its walk reads) after
 hops + 1 steps; and hidden after 8 steps. Accuracy is split by how many of the chain's links point backward in the
 text (the statement defining a link's operand comes after the statement using it: `g=d-8;...;d=3` is 1 backward link
 of 1). With 0 backward links every statement can be resolved from the ones before it; only the answering position
@@ -18,7 +18,8 @@ from collections import Counter
 
 import torch
 
-from modeling_recurrent.chain_task import Problem, carry_inputs, generate_problem, read_digits
+from modeling_recurrent.chain_task import Problem, generate_problem
+from modeling_recurrent.chain_training import carry_inputs, read_digits
 from modeling_recurrent.demo import load
 from modeling_recurrent.train import column_states
 

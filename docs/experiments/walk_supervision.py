@@ -44,13 +44,13 @@ from modeling_recurrent.chain_task import (
     IGNORE_INDEX,
     MODULUS,
     SPLITS,
-    _Encoder,
-    _prompt,
-    backward_order,
+    ChainEncoder,
     chase,
     evaluate_first_token,
+    format_prompt,
     generate_problem,
 )
+from modeling_recurrent.chain_training import backward_order
 from modeling_recurrent.layers_recurrent_depth import eager_attention
 from modeling_recurrent.walk_probe import DONE, label_tensors, walk_labels
 
@@ -141,7 +141,7 @@ optimizer = torch.optim.AdamW(
 )
 if saved:
     optimizer.load_state_dict(saved["opt"])
-encoder = _Encoder(tokenizer)
+encoder = ChainEncoder(tokenizer)
 spec = SPLITS["in-distribution"]
 
 
@@ -203,7 +203,7 @@ def collapse(problem, path, r):
             statements.append(f"{problem.target}={path[r]}+{offset}")
         elif statement[0] not in path[1:r]:
             statements.append(statement)
-    return _prompt(statements, problem.target)
+    return format_prompt(statements, problem.target)
 
 
 def teacher_attention(teacher_ids, positions):
