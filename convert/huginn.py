@@ -150,8 +150,7 @@ def huginn_config_from_ours(config: RecurrentDepthConfig, code_repo: str = HUB_C
 
 def rope_table(config: RecurrentDepthConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The published `freqs_cis` buffer (1, block_size, 1, head_dim/2, 2): cos and sin of adjacent-pair RoPE."""
-    rope = config.rope_parameters
-    assert rope is not None  # validate() rejects a config without rope_parameters.rope_theta
+    rope = config.rope_parameters or {}  # never None once the config validated itself
     dim, theta = config.attention_head_dim, rope["rope_theta"]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeGuard, cast
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
-from typing_extensions import TypeIs
 
 from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
@@ -70,7 +69,7 @@ def _one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | N
     return past_key_values if past_key_values is not None else cache
 
 
-def _is_count(value: object) -> TypeIs[int]:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

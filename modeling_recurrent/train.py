@@ -341,13 +341,17 @@ class Trainer:
         return final
 
     # ----- data and steps ----------------------------------------------------------------------------------------
+    def _text_blocks(self) -> torch.Tensor:
+        """The packed sequences of the text data (N, seq_len), read at first use."""
+        if self._blocks is None:
+            self._blocks = load_text_blocks(self.args, self.tokenizer)
+        return self._blocks
+
     def global_batch(self) -> dict[str, torch.Tensor]:
         """The batch of the current step over all ranks; it depends only on (seed, step), so resuming and any
         number of ranks see the same data."""
         if self.args.data != "chain":
-            if self._blocks is None:
-                self._blocks = load_text_blocks(self.args, self.tokenizer)
-            return text_batch(self._blocks, self.args.batch_size, self.args.seed, self.step)
+            return text_batch(self._text_blocks(), self.args.batch_size, self.args.seed, self.step)
         if self._chain is None:
             args = self.args
             self._chain = ChainBatches(
@@ -444,8 +448,7 @@ class Trainer:
                 for r in self.args.eval_steps
             }
         else:
-            assert self._blocks is not None  # run() evaluates after a training step, which loaded the blocks
-            batch = text_batch(self._blocks, self.args.batch_size, self.args.seed + 1, 0)
+            batch = text_batch(self._text_blocks(), self.args.batch_size, self.args.seed + 1, 0)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             result = {
                 f"loss@{r}": float(self.model(**batch, num_steps=r, init_scale=0.0).loss) for r in self.args.eval_steps

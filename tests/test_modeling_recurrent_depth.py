@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modeling_recurrent import RecurrentDepthForCausalLM
+from modeling_recurrent.flops import flops_per_token
 from modeling_recurrent.modeling_recurrent_depth import resolve_num_steps, sample_num_steps
 
 from .conftest import tiny_config, tiny_model
@@ -264,3 +265,4 @@ def test_key_value_heads_unset_after_construction_mean_one_per_attention_head():
         logits = [m(x, num_steps=2, init_scale=0.0).logits for m in (unset, explicit)]
         torch.testing.assert_close(*logits, rtol=0, atol=0)
         unset.generate(x, num_steps=2, max_new_tokens=2, do_sample=False)  # the cache sizes its slots from it too
+    assert flops_per_token(config, 2) == flops_per_token(explicit.config, 2)

@@ -178,7 +178,7 @@ def test_a_bad_field_assigned_later_raises(field, value):
     """Assignment (also how `from_pretrained(path, num_steps=0)` applies aliases) checks the field on its own;
     values that only break a relation between fields are caught by `validate()`, which save_pretrained runs."""
     config = RecurrentDepthConfig(**BASE)
-    if not _FIELD_RULES[field][0](value):
+    if not _FIELD_RULES[field][0](value) or field == "rope_parameters":  # checked whole when assigned
         with expect_error_naming(field):
             setattr(config, field, value)
         return
@@ -248,3 +248,15 @@ def test_cache_of_a_bad_type_in_generate(model):
         with pytest.raises(TypeError, match="must be a RecurrentCache"):
             model.generate(ids(), num_steps=2, max_new_tokens=2, **{name: [1, 2]})
     model.generate(ids(), num_steps=2, max_new_tokens=2, cache=RecurrentCache(model.config))
+
+
+def test_rope_parameters_assigned_later_are_checked_whole():
+    """None is allowed at construction only (Transformers fills in the defaults); later it would leave the model no
+    RoPE base, and a dict without a valid rope_theta would fail in the first forward."""
+    config = RecurrentDepthConfig(**BASE)
+    for value in (None, {"rope_type": "default"}, {"rope_type": "default", "rope_theta": -1.0}):
+        with expect_error_naming("rope_parameters"):
+            config.rope_parameters = value
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+    inv_freq = RecurrentDepthForCausalLM(config).transformer.rotary.inv_freq
+    torch.testing.assert_close(inv_freq[1], torch.tensor(500.0 ** (-2 / config.attention_head_dim)))

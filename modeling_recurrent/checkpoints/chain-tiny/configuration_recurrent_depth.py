@@ -137,6 +137,8 @@ class RecurrentDepthConfig(PreTrainedConfig):
         key = self.attribute_map.get(key, key)
         if key in _FIELD_RULES and self.__dict__.get("_post_init_done", False):
             self._check_field(key)
+            if key == "rope_parameters":  # None is allowed only at construction, where Transformers fills it in
+                self._check_rope()
 
     def _check_field(self, name: str) -> None:
         rule, allowed = _FIELD_RULES[name]
@@ -165,6 +167,9 @@ class RecurrentDepthConfig(PreTrainedConfig):
                 f"qk_bias (huginn's (2, 1, heads, head_dim) parameter) needs num_key_value_heads "
                 f"({self.num_key_value_heads}) == num_attention_heads ({self.num_attention_heads})"
             )
+        self._check_rope()
+
+    def _check_rope(self) -> None:
         rope = self.rope_parameters or {}
         theta = rope.get("rope_theta")
         if not _positive_number(theta):
