@@ -267,9 +267,9 @@ def cache_bytes(cache: Any) -> tuple[int, int]:
 
 def chain_texts(tokenizer, n: int, seed: int, n_queries: int = 4) -> list[dict[str, torch.Tensor]]:
     """`n` chain-task texts (statements, then answered queries) as single rows: ids (1, L) and labels at the answers."""
-    from .chain_training import training_batch
+    from .chain_training import ChainOptions, training_batch
 
-    batch = training_batch(tokenizer, random.Random(seed), n, n_queries=n_queries)
+    batch = training_batch(tokenizer, random.Random(seed), n, options=ChainOptions(n_queries=n_queries))
     rows = []
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
         length = int(mask.sum())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -96,6 +96,37 @@ def check_carry(carry: object, paced: bool, n_queries: int, n_repeats: int, lite
             f"literal_operands={literal_operands})"
         )
     return probability
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    """How training problems are written and labelled beyond the spec's question; checked on construction.
+
+    `n_queries` answered queries and `n_repeats` repeated statements per problem (`training_example`);
+    `literal_operands` the chance of a statement written with its operand's value (`substitute_operands`);
+    `statement_values` also supervises every statement resolvable from the ones before it
+    (`resolved_statement_targets`); `backward` the chance that a problem's chains are written in backward order
+    (`backward_order`); `paced` adds `chase_labels` for `paced_labels`, with `paced_offsets` the chance of a running
+    offset in them (`paced_targets`); `carry` the chance that a problem's steps see only the digits they read
+    (`carry_inputs`, as `step_input_ids`).
+    """
+
+    n_queries: int = 4
+    n_repeats: int = 0
+    literal_operands: float = 0.0
+    statement_values: bool = False
+    backward: float = 0.0
+    paced: bool = False
+    paced_offsets: float = 0.0
+    carry: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_queries, bool) or not isinstance(self.n_queries, int) or self.n_queries < 1:
+            raise ValueError(f"n_queries must be an int >= 1, got {self.n_queries!r}")
+        check_count("n_repeats", self.n_repeats)
+        for name in ("literal_operands", "backward", "paced_offsets"):
+            check_probability(name, getattr(self, name))
+        check_carry(self.carry, self.paced, self.n_queries, self.n_repeats, self.literal_operands)
 
 
 def carry_inputs(
@@ -232,51 +263,40 @@ def training_batch(
     rng: random.Random,
     batch_size: int,
     hops: tuple[int, int] | None = None,
-    n_queries: int = 4,
+    options: ChainOptions = ChainOptions(),
     *,
-    n_repeats: int = 0,
-    literal_operands: float = 0.0,
-    statement_values: bool = False,
-    backward: float = 0.0,
-    paced: bool = False,
-    paced_offsets: float = 0.0,
-    carry: float = 0.0,
     hop_weights: Sequence[float] | None = None,
     encoder: ChainEncoder | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One batch of in-distribution-style problems; hops uniform over the inclusive range `hops` (default 0-6), or
-    drawn with `hop_weights[h]` the weight of `h` hops (a curriculum). `statement_values` also supervises the value
-    of every statement resolvable from the ones before it (`resolved_statement_targets`); `backward` is the chance
-    that a problem's chains are written in backward order (`backward_order`); `paced` adds `chase_labels` for
-    `paced_labels`, with `paced_offsets` the chance of a running offset in them (`paced_targets`); `carry` is the
-    chance that a problem's steps see only the digits they read (`carry_inputs`, as `step_input_ids`)."""
+    """One batch of in-distribution-style problems written and labelled as `options` say; hops uniform over the
+    inclusive range `hops` (default 0-6), or drawn with `hop_weights[h]` the weight of `h` hops (a curriculum)."""
     if check_count("batch_size", batch_size) == 0:
         raise ValueError("batch_size must be >= 1")
-    check_carry(carry, paced, n_queries, n_repeats, literal_operands)
+    o = options
     spec = SPLITS["in-distribution"]
     texts, positions, targets, paced_steps, reads = [], [], [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
-        problem = backward_order(problem, rng, backward)
-        text, answers = training_example(problem, rng, n_queries, n_repeats, literal_operands)
+        problem = backward_order(problem, rng, o.backward)
+        text, answers = training_example(problem, rng, o.n_queries, o.n_repeats, o.literal_operands)
         texts.append(text)
         positions.append(answers)
         statements = text.split(SEPARATOR)[: len(problem.statements)]  # as written (operands maybe substituted)
-        if statement_values:
+        if o.statement_values:
             targets.append(resolved_statement_targets(statements, problem.values))
-        if paced:  # a query `;?x=D` is supervised at D, two characters after its variable
+        if o.paced:  # a query `;?x=D` is supervised at D, two characters after its variable
             paced_steps.append(
                 [
-                    (i, paced_targets(statements, problem.values, text[i - 2], rng, paced_offsets))
+                    (i, paced_targets(statements, problem.values, text[i - 2], rng, o.paced_offsets))
                     for i in answers
                     if text[i - 3] == "?"
                 ]
             )
-        if carry:  # drawn only with the option: data streams without it stay as they were
-            reads.append(read_digits(statements, problem.target) if rng.random() < carry else None)
+        if o.carry:  # drawn only with the option: data streams without it stay as they were
+            reads.append(read_digits(statements, problem.target) if rng.random() < o.carry else None)
     encoder = encoder or ChainEncoder(tokenizer)
-    batch = encoder(texts, positions, targets=targets or None, paced_steps=paced_steps if paced else None)
-    if carry:
+    batch = encoder(texts, positions, targets=targets or None, paced_steps=paced_steps if o.paced else None)
+    if o.carry:
         batch["step_input_ids"] = carry_inputs(batch["input_ids"], reads, [encoder.ids[d] for d in string.digits], rng)
     return batch
 
@@ -294,23 +314,13 @@ class ChainBatches:
         seed: int,
         batch_size: int,
         hops: tuple[int, int] | None = None,
+        options: ChainOptions = ChainOptions(),
         *,
         hop_weights: Sequence[float] | None = None,
-        n_queries: int = 4,
-        n_repeats: int = 0,
-        literal_operands: float = 0.0,
-        statement_values: bool = False,
-        backward: float = 0.0,
-        paced: bool = False,
-        paced_offsets: float = 0.0,
-        carry: float = 0.0,
         start: int = 0,
     ) -> None:
         self.encoder = ChainEncoder(tokenizer)
-        self.tokenizer, self.seed, self.batch_size = tokenizer, seed, batch_size
-        self.n_queries, self.n_repeats, self.literal_operands = n_queries, n_repeats, literal_operands
-        self.statement_values, self.backward = statement_values, backward
-        self.paced, self.paced_offsets, self.carry = paced, paced_offsets, carry
+        self.tokenizer, self.seed, self.batch_size, self.options = tokenizer, seed, batch_size, options
         self.hops, self.hop_weights, self.index = hops, hop_weights, check_count("start", start)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
@@ -321,14 +331,7 @@ class ChainBatches:
             rng,
             self.batch_size,
             self.hops,
-            self.n_queries,
-            n_repeats=self.n_repeats,
-            literal_operands=self.literal_operands,
-            statement_values=self.statement_values,
-            backward=self.backward,
-            paced=self.paced,
-            paced_offsets=self.paced_offsets,
-            carry=self.carry,
+            self.options,
             hop_weights=self.hop_weights,
             encoder=self.encoder,
         )

@@ -9,6 +9,7 @@ import torch
 from modeling_recurrent.chain_task import build_tokenizer, generate_problem, sample_problems
 from modeling_recurrent.chain_training import (
     ChainBatches,
+    ChainOptions,
     backward_order,
     carry_inputs,
     paced_labels,
@@ -42,6 +43,10 @@ from .test_chain_task import (
         lambda: training_batch(build_tokenizer(), random.Random(0), 2, hops=(3, 1)),
         lambda: training_batch(build_tokenizer(), random.Random(0), 2, hop_weights=[1, -1]),
         lambda: training_batch(build_tokenizer(), random.Random(0), 2, (0, 1), hop_weights=[1]),
+        lambda: ChainOptions(n_queries=0),
+        lambda: ChainOptions(n_repeats=-1),
+        lambda: ChainOptions(backward=1.5),
+        lambda: ChainOptions(paced=True, paced_offsets=-0.1),
     ],
 )
 def test_bad_arguments_raise(call):
@@ -78,7 +83,7 @@ def test_training_example():
 
 def test_training_batches():
     tok = build_tokenizer()
-    batch = training_batch(tok, random.Random(0), 16, (0, 6), 3)
+    batch = training_batch(tok, random.Random(0), 16, (0, 6), ChainOptions(n_queries=3))
     assert {k: (v.dtype, v.shape[0]) for k, v in batch.items()} == dict.fromkeys(batch, (torch.long, 16))
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert (input_ids[mask == 0] == tok.pad_token_id).all()
@@ -105,14 +110,18 @@ def test_hop_selection_and_reproducibility():
     assert set(max_depth(tok, training_batch(tok, random.Random(0), 32, (5, 5)))) == {5}
     assert set(max_depth(tok, training_batch(tok, random.Random(0), 32, hop_weights=[0] * 8 + [1]))) == {8}
     assert max(max_depth(tok, training_batch(tok, random.Random(0), 32, hop_weights=[1]))) <= 3
-    batches = ChainBatches(tok, seed=7, batch_size=8, n_queries=2)
+    batches = ChainBatches(tok, seed=7, batch_size=8, options=ChainOptions(n_queries=2))
     first, second = next(batches), next(batches)
-    assert all(torch.equal(first[k], ChainBatches(tok, 7, 8, n_queries=2).batch(0)[k]) for k in first)
+    assert all(
+        torch.equal(first[k], ChainBatches(tok, 7, 8, options=ChainOptions(n_queries=2)).batch(0)[k]) for k in first
+    )
     assert not torch.equal(first["input_ids"][:, :8], second["input_ids"][:, :8])
-    one_query = ChainBatches(tok, seed=7, batch_size=4, n_queries=1).batch(0)
+    one_query = ChainBatches(tok, seed=7, batch_size=4, options=ChainOptions(n_queries=1)).batch(0)
     assert ((one_query["labels"] != -100).sum(1) == 2).all()  # the answer and the eos
-    rich = ChainBatches(tok, 7, 8, (0, 2), n_queries=5, n_repeats=3, literal_operands=0.5).batch(3)
-    same = training_batch(tok, random.Random("7-3"), 8, (0, 2), 5, n_repeats=3, literal_operands=0.5)
+    rich = ChainBatches(tok, 7, 8, (0, 2), ChainOptions(n_queries=5, n_repeats=3, literal_operands=0.5)).batch(3)
+    same = training_batch(
+        tok, random.Random("7-3"), 8, (0, 2), ChainOptions(n_queries=5, n_repeats=3, literal_operands=0.5)
+    )
     assert all(torch.equal(rich[k], same[k]) for k in rich)  # the trainer's stream, reproducible by hand
 
 
@@ -173,8 +182,10 @@ def test_statement_values_supervise_what_the_text_so_far_determines():
             resolved += len(expected) < len(statements)
     assert resolved > 20  # some statements need a later one and stay unsupervised
 
-    plain = training_batch(tok, random.Random(3), 8, (2, 4), 3, n_repeats=2)
-    rich = training_batch(tok, random.Random(3), 8, (2, 4), 3, n_repeats=2, statement_values=True)
+    plain = training_batch(tok, random.Random(3), 8, (2, 4), ChainOptions(n_queries=3, n_repeats=2))
+    rich = training_batch(
+        tok, random.Random(3), 8, (2, 4), ChainOptions(n_queries=3, n_repeats=2, statement_values=True)
+    )
     assert torch.equal(plain["input_ids"], rich["input_ids"])  # the same text: only labels are added
     kept = plain["labels"] != -100
     assert torch.equal(rich["labels"][kept], plain["labels"][kept])
@@ -225,7 +236,7 @@ def test_backward_order_puts_every_statement_before_its_operand():
         moved += backward.statements != problem.statements
     assert moved > 50
     tok = build_tokenizer()
-    batch = ChainBatches(tok, 1, 8, (2, 4), n_queries=3, n_repeats=0, backward=1.0).batch(0)
+    batch = ChainBatches(tok, 1, 8, (2, 4), ChainOptions(n_queries=3, n_repeats=0, backward=1.0)).batch(0)
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
         statements = row_text(tok, ids, mask).split(";?")[0].split(";")
         assert in_backward_order(tuple(statements))
@@ -235,8 +246,12 @@ def test_backward_order_puts_every_statement_before_its_operand():
 
 def test_paced_labels_name_the_variable_reached_until_the_chain_is_resolved():
     tok = build_tokenizer()
-    plain = training_batch(tok, random.Random(3), 8, (0, 6), 6, n_repeats=2, literal_operands=0.25)
-    paced = training_batch(tok, random.Random(3), 8, (0, 6), 6, n_repeats=2, literal_operands=0.25, paced=True)
+    plain = training_batch(
+        tok, random.Random(3), 8, (0, 6), ChainOptions(n_queries=6, n_repeats=2, literal_operands=0.25)
+    )
+    paced = training_batch(
+        tok, random.Random(3), 8, (0, 6), ChainOptions(n_queries=6, n_repeats=2, literal_operands=0.25, paced=True)
+    )
     assert all(torch.equal(plain[k], paced[k]) for k in plain)  # the same data: only chase_labels are added
     longest, named = paced["chase_labels"].shape[-1], 0
     for r in range(1, longest + 3):
@@ -277,7 +292,7 @@ def test_paced_targets_name_the_variable_reached_or_the_running_offset():
 
 def test_paced_offsets_reach_the_batches():
     tok = build_tokenizer()
-    batches = ChainBatches(tok, 0, 8, (2, 4), n_queries=6, paced=True, paced_offsets=1.0)
+    batches = ChainBatches(tok, 0, 8, (2, 4), ChainOptions(n_queries=6, paced=True, paced_offsets=1.0))
     batch = batches.batch(0)
     chase_ids = batch["chase_labels"][batch["chase_labels"] != -100]
     assert chase_ids.numel() > 20
@@ -293,7 +308,7 @@ def test_read_digits_follow_the_walk_one_statement_per_step():
 
 def test_carry_inputs_show_each_step_only_the_digit_it_reads():
     tok = build_tokenizer()
-    batch = training_batch(tok, random.Random(4), 32, (0, 5), 1, n_repeats=0, paced=True, carry=0.75)
+    batch = training_batch(tok, random.Random(4), 32, (0, 5), ChainOptions(n_queries=1, paced=True, carry=0.75))
     ids, steps = batch["input_ids"], batch["step_input_ids"]
     hidden, paths = 0, []
     for row in range(len(ids)):
@@ -315,12 +330,14 @@ def test_carry_inputs_show_each_step_only_the_digit_it_reads():
             assert all(digit in string.digits for digit in wrong)
     assert 12 < hidden < 32
     assert steps.shape == (*ids.shape, 1 + max(map(len, paths)))
-    assert "step_input_ids" not in training_batch(tok, random.Random(4), 4, (0, 5), 1, n_repeats=0, paced=True)
+    assert "step_input_ids" not in training_batch(
+        tok, random.Random(4), 4, (0, 5), ChainOptions(n_queries=1, paced=True)
+    )
     for bad in ({"paced": False}, {"n_queries": 2}, {"n_repeats": 1}, {"literal_operands": 0.5}):
         options = {"paced": True, "n_queries": 1, "n_repeats": 0, **bad}
         with pytest.raises(ValueError, match="carry hides the digits"):
-            training_batch(tok, random.Random(0), 2, (0, 2), carry=0.5, **options)
+            ChainOptions(carry=0.5, **options)
     with pytest.raises(ValueError, match="carry"):
-        training_batch(tok, random.Random(0), 2, (0, 2), 1, n_repeats=0, paced=True, carry=2)
+        ChainOptions(n_queries=1, paced=True, carry=2)
     every = carry_inputs(ids[:1], [None], list(range(10)), random.Random(0))
     assert torch.equal(every, ids[:1, :, None])

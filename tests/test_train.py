@@ -258,7 +258,7 @@ def test_history_table_lists_each_evaluation_with_the_loss_before_it():
 
 
 def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
-    from modeling_recurrent.chain_training import ChainBatches
+    from modeling_recurrent.chain_training import ChainBatches, ChainOptions
 
     def trainer(weight):
         t = Trainer(
@@ -274,7 +274,7 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
         return t
 
     uniform, weighted = trainer(1), trainer(3.0)
-    expected = ChainBatches(uniform.tokenizer, 0, 4, (0, 2), n_queries=4, n_repeats=2).batch(0)
+    expected = ChainBatches(uniform.tokenizer, 0, 4, (0, 2), ChainOptions(n_repeats=2)).batch(0)
     assert all(torch.equal(uniform.global_batch()[k], expected[k]) for k in expected)  # 1: the uniform stream
     weighted.global_batch()
     assert weighted._chain.hop_weights == [1.0, 1.0, 3.0]
@@ -283,28 +283,28 @@ def test_frontier_weight_draws_the_most_hops_more_often(tmp_path):
 
 
 def test_statement_values_option_reaches_the_data(tmp_path):
-    from modeling_recurrent.chain_training import ChainBatches
+    from modeling_recurrent.chain_training import ChainBatches, ChainOptions
 
     trainer = tiny_trainer(tmp_path, "--chain-statement-values")
-    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, statement_values=True).batch(0)
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), ChainOptions(n_repeats=2, statement_values=True)).batch(0)
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
 
 
 def test_backward_option_reaches_the_data(tmp_path):
-    from modeling_recurrent.chain_training import ChainBatches
+    from modeling_recurrent.chain_training import ChainBatches, ChainOptions
 
     trainer = tiny_trainer(tmp_path, "--chain-backward 0.5")
-    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, backward=0.5).batch(0)
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), ChainOptions(n_repeats=2, backward=0.5)).batch(0)
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="--chain-backward"):
         TrainArgs(out="x", chain_backward=2)
 
 
 def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):
-    from modeling_recurrent.chain_training import ChainBatches, paced_labels
+    from modeling_recurrent.chain_training import ChainBatches, ChainOptions, paced_labels
 
     trainer = tiny_trainer(tmp_path, "--set mean_backprop_depth=1 --mean-recurrence 2 --chain-paced")
-    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), n_queries=4, n_repeats=2, paced=True).batch(0)
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), ChainOptions(n_repeats=2, paced=True)).batch(0)
     batch = trainer.global_batch()
     assert all(torch.equal(batch[k], expected[k]) for k in expected) and "chase_labels" in batch
     seen = []
