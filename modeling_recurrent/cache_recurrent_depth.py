@@ -585,3 +585,10 @@ __all__ = [
     "StaticRecurrentCache",
     "StaticRecurrentSlot",
 ]
+
+
+def one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | None) -> RecurrentCache | None:
+    """`past_key_values` and `cache` (its name in newer Transformers releases) are the same argument."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as either past_key_values or cache, not both")
+    return past_key_values if past_key_values is not None else cache

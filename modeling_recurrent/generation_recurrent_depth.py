@@ -1,7 +1,8 @@
-"""Test-time compute strategies: per-token adaptive exit criteria and self-speculative decoding.
+"""Generation: per-token adaptive exit criteria, self-speculative decoding and the causal LM's `generate`.
 
 Adaptive exit is a forward option (`exit_criterion`, `exit_threshold`, `min_steps`), so it works inside the standard
-`generate` with every decoding strategy; speculative decoding is its own named entry point. This file travels as
+`generate` with every decoding strategy; speculative decoding is its own named entry point. `RecurrentGenerationMixin`
+gives the causal LM Transformers' `generate` with this package's caches and a memory check. This file travels as
 remote code with every saved model.
 """
 
@@ -10,9 +11,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache, one_cache
 
 Readout = Callable[[], torch.Tensor]  # logits (rows, V) of the last position for the rows being checked
 
@@ -245,3 +252,126 @@ def _truncate_after_stop(sequence: torch.Tensor, prompt: int, max_new_tokens: in
             new = new[: i + 1]
             break
     return sequence[:, : prompt + len(new)]
+
+
+class RecurrentGenerationMixin(GenerationMixin):
+    """Transformers' `generate` for recurrent-depth models: a `RecurrentCache` (or, with cache_implementation="static",
+    a `StaticRecurrentCache` sized for the call), `num_steps_used` in dict outputs, a refusal of calls whose KV cache
+    would not fit in memory, and `generate_speculative`. The model provides `_total_steps(num_steps)`."""
+
+    if TYPE_CHECKING:  # what the host PreTrainedModel provides
+        config: Any
+
+        @property
+        def device(self) -> torch.device: ...
+
+        @property
+        def dtype(self) -> torch.dtype: ...
+
+    def _total_steps(self, num_steps: object) -> int:
+        """All recurrence steps a call with this `num_steps` argument runs (the model's own resolution)."""
+        raise NotImplementedError
+
+    # Not the base signature (mypy's override check is silenced): this also takes the call forms of other
+    # Transformers 5 releases (defaults, extra keywords) and returns None, as the base does despite its `-> bool`.
+    def _prepare_cache_for_generation(  # type: ignore[override]
+        self, generation_config, model_kwargs, generation_mode=None, batch_size=1, max_cache_length=None, **kwargs
+    ) -> None:
+        """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots); with
+        cache_implementation="static" a StaticRecurrentCache sized for this call (length, rows, num_steps)."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            # GenerationMixin types `self` as a Protocol no PreTrainedModel satisfies (its device is a property).
+            super()._prepare_cache_for_generation(  # type: ignore[misc]
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
+            )
+            return None
+        implementation = generation_config.cache_implementation
+        if implementation == "static":
+            if getattr(generation_config, "max_cache_len", None) is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+            model_kwargs["cache"] = StaticRecurrentCache(
+                self.config,
+                max_cache_len=max_cache_length,
+                batch_size=rows,
+                num_steps=self._total_steps(model_kwargs.get("num_steps")),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            return None
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by recurrent-depth models (use 'dynamic' "
+                "or 'static'); pass past_key_values=RecurrentCache(model.config, core_slots=N) to share cache slots"
+            )
+        # Slots allocate the whole generation length at their first write: no regrowth (copies) while decoding.
+        model_kwargs["cache"] = RecurrentCache(self.config, reserve=max_cache_length or 0)
+        return None
+
+    def generate(self, *args, **kwargs):
+        """Transformers' generate with `num_steps`, `init_scale`, `warm_start` and adaptive-exit options passed to
+        every forward. With return_dict_in_generate, the output also carries `num_steps_used` (B, new_tokens): the
+        recurrence steps that produced each generated token. Refuses (ValueError) a call whose KV cache would not fit
+        in the available memory."""
+        self._check_cache_fits(args, kwargs)
+        output = super().generate(*args, **kwargs)
+        cache = output.get("cache") if isinstance(output, ModelOutput) else None
+        if isinstance(cache, RecurrentCache) and cache.steps is not None:
+            # Token i of the continuation was predicted at position prompt - 1 + i.
+            first = cache.prompt_length - 1
+            output["num_steps_used"] = cache.steps[:, first : output.sequences.shape[1] - 1]
+        return output
+
+    def _check_cache_fits(self, args: tuple, kwargs: dict) -> None:
+        """Check the cache argument, estimate the KV cache of a generate call (rows x (prompt + max_new_tokens)
+        positions, num_steps steps) and raise a ValueError naming it and the shared-slot cache that would fit, if it
+        exceeds the available memory."""
+        names = ("inputs", "input_ids", "inputs_embeds")
+        inputs = args[0] if args else next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
+        config = kwargs.get("generation_config") or self.generation_config
+
+        def option(name):
+            return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+
+        cache = one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"the cache must be a RecurrentCache or None, got {type(cache).__name__}")
+        steps = self._total_steps(kwargs.get("num_steps"))
+        new_tokens, max_length = option("max_new_tokens"), option("max_length")
+        if (
+            option("use_cache") is False
+            or isinstance(cache, StaticRecurrentCache)  # already allocated
+            or not isinstance(inputs, torch.Tensor)
+            or inputs.dim() < 2
+            or isinstance(new_tokens if new_tokens is not None else max_length, bool)
+            or not isinstance(new_tokens if new_tokens is not None else max_length, int)
+        ):
+            return  # nothing to estimate, or arguments that generate itself will refuse
+        length = inputs.shape[1] + new_tokens if new_tokens is not None else max(max_length, inputs.shape[1])
+        rows = inputs.shape[0] * max(option("num_beams") or 1, option("num_return_sequences") or 1)
+        core_slots = cache.core_slots if isinstance(cache, RecurrentCache) else None
+
+        def estimate(num_steps: int, slots: int | None = core_slots) -> int:
+            return RecurrentCache.estimate_bytes(self.config, rows, length, num_steps, slots, self.dtype)
+
+        need, available = estimate(steps), RecurrentCache.available_bytes(self.device)
+        if available is None or need <= available:
+            return
+        gib = 2**30
+        fixed, per_step = estimate(0), estimate(1) - estimate(0)
+        fits = min((available // 2 - fixed) // per_step, steps - 1)  # half: a cache growing by doubling may hold 2x
+        advice = (
+            f"pass cache=RecurrentCache(model.config, core_slots={fits}) to share core cache slots across "
+            f"steps (about {estimate(steps, fits) / gib:.3g} GiB)"
+            if fits >= 1
+            else "even one shared core slot per layer would not fit: lower max_new_tokens, the batch size or num_beams"
+        )
+        raise ValueError(
+            f"generate would need about {need / gib:.3g} GiB of KV cache ({rows} rows x {length} positions, "
+            f"num_steps={steps}, core_slots={core_slots}) but only {available / gib:.3g} GiB of memory is "
+            f"available; {advice}"
+        )
+
+    def generate_speculative(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Self-speculative greedy decoding (draft with few steps, verify with many); see `speculative_generate`."""
+        return speculative_generate(self, input_ids, **kwargs)

@@ -18,15 +18,14 @@ from typing import TypeGuard, cast
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
-from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache
+from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache, one_cache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
-from .generation_recurrent_depth import ExitCriterion, make_exit_criterion, speculative_generate
+from .generation_recurrent_depth import ExitCriterion, RecurrentGenerationMixin, make_exit_criterion
 from .layers_recurrent_depth import Attention, BlockContext, GatedMLP, RecurrentBlock, RMSNorm, RotaryEmbedding
 from .serialization_recurrent_depth import StrictCheckpointPreTrainedModel
 
@@ -60,13 +59,6 @@ def resolve_num_steps(num_steps: object, default: int, training: bool, backprop_
         with_grad = min(num_steps, backprop_depth)
         return num_steps - with_grad, with_grad
     return 0, num_steps
-
-
-def _one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | None) -> RecurrentCache | None:
-    """`past_key_values` and `cache` (its name in newer Transformers releases) are the same argument."""
-    if past_key_values is not None and cache is not None and past_key_values is not cache:
-        raise ValueError("pass the cache as either past_key_values or cache, not both")
-    return past_key_values if past_key_values is not None else cache
 
 
 def _is_count(value: object) -> TypeGuard[int]:
@@ -435,7 +427,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         """
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: attention weights are not kept (fused kernels)")
-        cache = self.resolve_cache(_one_cache(past_key_values, kwargs.pop("cache", None)), use_cache)
+        cache = self.resolve_cache(one_cache(past_key_values, kwargs.pop("cache", None)), use_cache)
         init_scale = self.config.init_scale if init_scale is None else init_scale
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 <= init_scale < math.inf:
             raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}")
@@ -499,7 +491,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         return criterion
 
 
-class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
+class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, RecurrentGenerationMixin):
     """Recurrent-depth causal LM. `forward(..., num_steps=r)` and `generate(..., num_steps=r)` pick the depth."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
@@ -516,112 +508,9 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    # Not the base signature (mypy's override check is silenced): this also takes the call forms of other
-    # Transformers 5 releases (defaults, extra keywords) and returns None, as the base does despite its `-> bool`.
-    def _prepare_cache_for_generation(  # type: ignore[override]
-        self, generation_config, model_kwargs, generation_mode=None, batch_size=1, max_cache_length=None, **kwargs
-    ) -> None:
-        """generate() gets a RecurrentCache unless the caller passed one (e.g. with shared core slots); with
-        cache_implementation="static" a StaticRecurrentCache sized for this call (length, rows, num_steps)."""
-        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
-            # GenerationMixin types `self` as a Protocol no PreTrainedModel satisfies (its device is a property).
-            super()._prepare_cache_for_generation(  # type: ignore[misc]
-                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
-            )
-            return None
-        implementation = generation_config.cache_implementation
-        if implementation == "static":
-            if getattr(generation_config, "max_cache_len", None) is not None:
-                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
-            rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
-            model_kwargs["cache"] = StaticRecurrentCache(
-                self.config,
-                max_cache_len=max_cache_length,
-                batch_size=rows,
-                num_steps=self._total_steps(model_kwargs.get("num_steps")),
-                dtype=self.dtype,
-                device=self.device,
-            )
-            return None
-        if implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={implementation!r} is not supported by recurrent-depth models (use 'dynamic' "
-                "or 'static'); pass past_key_values=RecurrentCache(model.config, core_slots=N) to share cache slots"
-            )
-        # Slots allocate the whole generation length at their first write: no regrowth (copies) while decoding.
-        model_kwargs["cache"] = RecurrentCache(self.config, reserve=max_cache_length or 0)
-        return None
-
-    def generate(self, *args, **kwargs):
-        """Transformers' generate with `num_steps`, `init_scale`, `warm_start` and adaptive-exit options passed to
-        every forward. With return_dict_in_generate, the output also carries `num_steps_used` (B, new_tokens): the
-        recurrence steps that produced each generated token. Refuses (ValueError) a call whose KV cache would not fit
-        in the available memory."""
-        self._check_cache_fits(args, kwargs)
-        output = super().generate(*args, **kwargs)
-        cache = output.get("cache") if isinstance(output, ModelOutput) else None
-        if isinstance(cache, RecurrentCache) and cache.steps is not None:
-            # Token i of the continuation was predicted at position prompt - 1 + i.
-            first = cache.prompt_length - 1
-            output["num_steps_used"] = cache.steps[:, first : output.sequences.shape[1] - 1]
-        return output
-
     def _total_steps(self, num_steps: object) -> int:
         """All recurrence steps a call with this `num_steps` argument runs (a ValueError/TypeError if it is bad)."""
         return sum(resolve_num_steps(num_steps, self.config.mean_recurrence, False, self.config.mean_backprop_depth))
-
-    def _check_cache_fits(self, args: tuple, kwargs: dict) -> None:
-        """Check the cache argument, estimate the KV cache of a generate call (rows x (prompt + max_new_tokens)
-        positions, num_steps steps) and raise a ValueError naming it and the shared-slot cache that would fit, if it
-        exceeds the available memory."""
-        names = ("inputs", "input_ids", "inputs_embeds")
-        inputs = args[0] if args else next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
-        config = kwargs.get("generation_config") or self.generation_config
-
-        def option(name):
-            return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
-
-        cache = _one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"the cache must be a RecurrentCache or None, got {type(cache).__name__}")
-        steps = self._total_steps(kwargs.get("num_steps"))
-        new_tokens, max_length = option("max_new_tokens"), option("max_length")
-        if (
-            option("use_cache") is False
-            or isinstance(cache, StaticRecurrentCache)  # already allocated
-            or not isinstance(inputs, torch.Tensor)
-            or inputs.dim() < 2
-            or not _is_count(new_tokens if new_tokens is not None else max_length)
-        ):
-            return  # nothing to estimate, or arguments that generate itself will refuse
-        length = inputs.shape[1] + new_tokens if new_tokens is not None else max(max_length, inputs.shape[1])
-        rows = inputs.shape[0] * max(option("num_beams") or 1, option("num_return_sequences") or 1)
-        core_slots = cache.core_slots if isinstance(cache, RecurrentCache) else None
-
-        def estimate(num_steps: int, slots: int | None = core_slots) -> int:
-            return RecurrentCache.estimate_bytes(self.config, rows, length, num_steps, slots, self.dtype)
-
-        need, available = estimate(steps), RecurrentCache.available_bytes(self.device)
-        if available is None or need <= available:
-            return
-        gib = 2**30
-        fixed, per_step = estimate(0), estimate(1) - estimate(0)
-        fits = min((available // 2 - fixed) // per_step, steps - 1)  # half: a cache growing by doubling may hold 2x
-        advice = (
-            f"pass cache=RecurrentCache(model.config, core_slots={fits}) to share core cache slots across "
-            f"steps (about {estimate(steps, fits) / gib:.3g} GiB)"
-            if fits >= 1
-            else "even one shared core slot per layer would not fit: lower max_new_tokens, the batch size or num_beams"
-        )
-        raise ValueError(
-            f"generate would need about {need / gib:.3g} GiB of KV cache ({rows} rows x {length} positions, "
-            f"num_steps={steps}, core_slots={core_slots}) but only {available / gib:.3g} GiB of memory is "
-            f"available; {advice}"
-        )
-
-    def generate_speculative(self, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
-        """Self-speculative greedy decoding (draft with few steps, verify with many); see `speculative_generate`."""
-        return speculative_generate(self, input_ids, **kwargs)
 
     def forward(
         self,
@@ -662,7 +551,7 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=_one_cache(past_key_values, kwargs.pop("cache", None)),
+            past_key_values=one_cache(past_key_values, kwargs.pop("cache", None)),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_steps=num_steps,
