@@ -2,8 +2,9 @@
 
 Adaptive exit is a forward option (`exit_criterion`, `exit_threshold`, `min_steps`), so it works inside the standard
 `generate` with every decoding strategy; speculative decoding is its own named entry point. `RecurrentGenerationMixin`
-gives the causal LM Transformers' `generate` with this package's caches and a memory check. This file travels as
-remote code with every saved model.
+gives the causal LM Transformers' `generate` with this package's caches and a memory check; `resolve_num_steps`
+interprets the `num_steps` argument for it and for the model's forward. This file travels as remote code with every
+saved model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,39 @@ from transformers.utils import ModelOutput
 from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache, one_cache
 
 Readout = Callable[[], torch.Tensor]  # logits (rows, V) of the last position for the rows being checked
+
+
+def resolve_num_steps(num_steps: object, default: int, training: bool, backprop_depth: int) -> tuple[int, int]:
+    """Turn a `num_steps` argument into (steps without gradient, steps with gradient).
+
+    An int r runs r steps; in training mode only the last `backprop_depth` of them keep gradients (truncated
+    backprop). A pair (n, k) runs n steps without and k with gradient. None means the config default.
+    """
+    if num_steps is None:
+        num_steps = default
+    if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
+        num_steps = int(num_steps)
+    if isinstance(num_steps, (tuple, list)):
+        if len(num_steps) != 2 or not all(is_count(n) and n >= 0 for n in num_steps) or sum(num_steps) < 1:
+            raise ValueError(
+                f"num_steps as a pair must be two integers >= 0 (steps without, with gradient) summing to >= 1, "
+                f"got {num_steps!r}"
+            )
+        return int(num_steps[0]), int(num_steps[1])
+    if not is_count(num_steps):
+        raise TypeError(
+            f"num_steps must be an int >= 1 or a pair of ints, got {type(num_steps).__name__} {num_steps!r}"
+        )
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if training:
+        with_grad = min(num_steps, backprop_depth)
+        return num_steps - with_grad, with_grad
+    return 0, num_steps
+
+
+def is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ExitCriterion(ABC):
@@ -257,7 +291,7 @@ def _truncate_after_stop(sequence: torch.Tensor, prompt: int, max_new_tokens: in
 class RecurrentGenerationMixin(GenerationMixin):
     """Transformers' `generate` for recurrent-depth models: a `RecurrentCache` (or, with cache_implementation="static",
     a `StaticRecurrentCache` sized for the call), `num_steps_used` in dict outputs, a refusal of calls whose KV cache
-    would not fit in memory, and `generate_speculative`. The model provides `_total_steps(num_steps)`."""
+    would not fit in memory, and `generate_speculative`."""
 
     if TYPE_CHECKING:  # what the host PreTrainedModel provides
         config: Any
@@ -269,8 +303,8 @@ class RecurrentGenerationMixin(GenerationMixin):
         def dtype(self) -> torch.dtype: ...
 
     def _total_steps(self, num_steps: object) -> int:
-        """All recurrence steps a call with this `num_steps` argument runs (the model's own resolution)."""
-        raise NotImplementedError
+        """All recurrence steps a call with this `num_steps` argument runs (a ValueError/TypeError if it is bad)."""
+        return sum(resolve_num_steps(num_steps, self.config.mean_recurrence, False, self.config.mean_backprop_depth))
 
     # Not the base signature (mypy's override check is silenced): this also takes the call forms of other
     # Transformers 5 releases (defaults, extra keywords) and returns None, as the base does despite its `-> bool`.
@@ -343,8 +377,7 @@ class RecurrentGenerationMixin(GenerationMixin):
             or isinstance(cache, StaticRecurrentCache)  # already allocated
             or not isinstance(inputs, torch.Tensor)
             or inputs.dim() < 2
-            or isinstance(new_tokens if new_tokens is not None else max_length, bool)
-            or not isinstance(new_tokens if new_tokens is not None else max_length, int)
+            or not is_count(new_tokens if new_tokens is not None else max_length)
         ):
             return  # nothing to estimate, or arguments that generate itself will refuse
         length = inputs.shape[1] + new_tokens if new_tokens is not None else max(max_length, inputs.shape[1])

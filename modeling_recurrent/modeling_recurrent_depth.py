@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeGuard, cast
+from typing import cast
 
 import torch
 from torch import nn
@@ -25,44 +25,17 @@ from transformers.utils import ModelOutput
 
 from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache, one_cache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
-from .generation_recurrent_depth import ExitCriterion, RecurrentGenerationMixin, make_exit_criterion
+from .generation_recurrent_depth import (
+    ExitCriterion,
+    RecurrentGenerationMixin,
+    is_count,
+    make_exit_criterion,
+    resolve_num_steps,
+)
 from .layers_recurrent_depth import Attention, BlockContext, GatedMLP, RecurrentBlock, RMSNorm, RotaryEmbedding
 from .serialization_recurrent_depth import StrictCheckpointPreTrainedModel
 
 StepSpec = int | tuple[int, int]
-
-
-def resolve_num_steps(num_steps: object, default: int, training: bool, backprop_depth: int) -> tuple[int, int]:
-    """Turn a `num_steps` argument into (steps without gradient, steps with gradient).
-
-    An int r runs r steps; in training mode only the last `backprop_depth` of them keep gradients (truncated
-    backprop). A pair (n, k) runs n steps without and k with gradient. None means the config default.
-    """
-    if num_steps is None:
-        num_steps = default
-    if isinstance(num_steps, torch.Tensor) and num_steps.numel() == 1 and not num_steps.is_floating_point():
-        num_steps = int(num_steps)
-    if isinstance(num_steps, (tuple, list)):
-        if len(num_steps) != 2 or not all(_is_count(n) and n >= 0 for n in num_steps) or sum(num_steps) < 1:
-            raise ValueError(
-                f"num_steps as a pair must be two integers >= 0 (steps without, with gradient) summing to >= 1, "
-                f"got {num_steps!r}"
-            )
-        return int(num_steps[0]), int(num_steps[1])
-    if not _is_count(num_steps):
-        raise TypeError(
-            f"num_steps must be an int >= 1 or a pair of ints, got {type(num_steps).__name__} {num_steps!r}"
-        )
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if training:
-        with_grad = min(num_steps, backprop_depth)
-        return num_steps - with_grad, with_grad
-    return 0, num_steps
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def sample_num_steps(
@@ -481,7 +454,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             return None
         if self.training:
             raise ValueError("exit_criterion is an inference option; call model.eval() first")
-        if not _is_count(min_steps) or min_steps < 0:
+        if not is_count(min_steps) or min_steps < 0:
             raise TypeError(f"min_steps must be an int >= 0, got {min_steps!r}")
         if max_steps < min_steps:
             raise ValueError(f"num_steps ({max_steps}) is below min_steps ({min_steps})")
@@ -507,10 +480,6 @@ class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, RecurrentGenerati
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
-
-    def _total_steps(self, num_steps: object) -> int:
-        """All recurrence steps a call with this `num_steps` argument runs (a ValueError/TypeError if it is bad)."""
-        return sum(resolve_num_steps(num_steps, self.config.mean_recurrence, False, self.config.mean_backprop_depth))
 
     def forward(
         self,
