@@ -18,6 +18,7 @@ from transformers import PreTrainedConfig
 
 from modeling_recurrent import HuginnRavenConfig, RecurrentDepthConfig
 from modeling_recurrent.configuration_recurrent_depth import HUGINN_FIELD_NAMES, HUGINN_SUPPORTED_VARIANTS
+from modeling_recurrent.layers_recurrent_depth import RotaryEmbedding
 
 from .checkpoint import open_checkpoint
 from .keymap import (
@@ -150,9 +151,7 @@ def huginn_config_from_ours(config: RecurrentDepthConfig, code_repo: str = HUB_C
 
 def rope_table(config: RecurrentDepthConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The published `freqs_cis` buffer (1, block_size, 1, head_dim/2, 2): cos and sin of adjacent-pair RoPE."""
-    rope = config.rope_parameters or {}  # never None once the config validated itself
-    dim, theta = config.attention_head_dim, rope["rope_theta"]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    inv_freq = RotaryEmbedding(config).compute_inv_freq()[0].to(device)  # the model's own frequencies
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=device)
     freqs = torch.outer(positions, inv_freq).float()
     table = torch.stack([torch.cos(freqs)[None, :, None, :], torch.sin(freqs)[None, :, None, :]], dim=4)
