@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
 from .chain_task import SPLITS, build_tokenizer, evaluate_first_token
-from .chain_training import ChainBatches, ChainOptions, paced_labels
+from .chain_training import ChainBatches, paced_labels
 from .layers_recurrent_depth import BlockContext
 from .modeling_recurrent_depth import RecurrentDepthForCausalLM, RecurrentDepthModel, sample_num_steps
 from .train_args import TrainArgs, args_from_namespace
@@ -354,17 +354,7 @@ class Trainer:
             return text_batch(self._text_blocks(), self.args.batch_size, self.args.seed, self.step)
         if self._chain is None:
             args = self.args
-            options = ChainOptions(
-                n_queries=args.chain_queries,
-                n_repeats=args.chain_repeats,
-                literal_operands=args.chain_literal_operands,
-                statement_values=args.chain_statement_values,
-                backward=args.chain_backward,
-                paced=args.chain_paced,
-                paced_offsets=args.chain_paced_offsets,
-                carry=args.chain_carry,
-            )
-            self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, options=options)
+            self._chain = ChainBatches(self.tokenizer, args.seed, args.batch_size, options=args.chain_options())
         most = self._max_hops()
         if self.args.chain_frontier_weight == 1:  # uniform: the draws (and data) of runs from before the option
             self._chain.hops, self._chain.hop_weights = (0, most), None

@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
-from .chain_training import check_carry, check_probability
+from .chain_training import ChainOptions, check_carry, check_probability
 
 
 @dataclass
@@ -116,6 +116,19 @@ class TrainArgs:
             )
         if not self.eval_steps or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.eval_steps):
             raise ValueError(f"--eval-steps must be positive integers, got {self.eval_steps!r}")
+
+    def chain_options(self) -> ChainOptions:
+        """How the chain data writes and labels its problems (the `chain_*` fields)."""
+        return ChainOptions(
+            n_queries=self.chain_queries,
+            n_repeats=self.chain_repeats,
+            literal_operands=self.chain_literal_operands,
+            statement_values=self.chain_statement_values,
+            backward=self.chain_backward,
+            paced=self.chain_paced,
+            paced_offsets=self.chain_paced_offsets,
+            carry=self.chain_carry,
+        )
 
 
 def _require(name: str, value: object, kinds, ok, wanted: str) -> None:
