@@ -6,7 +6,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache
+from .cache_recurrent_depth import RecurrentCache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
 from .modeling_recurrent_depth import (
     HuginnRavenForCausalLM,
@@ -14,6 +14,7 @@ from .modeling_recurrent_depth import (
     RecurrentDepthModel,
     RecurrentDepthOutput,
 )
+from .static_cache_recurrent_depth import StaticRecurrentCache
 
 # Saved folders carry a copy of the model code (auto_map), so they also load with trust_remote_code=True where
 # this package is not installed.

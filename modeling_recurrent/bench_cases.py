@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 from torch import nn
 
-from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache
+from .cache_recurrent_depth import RecurrentCache
 from .configuration_recurrent_depth import RecurrentDepthConfig
 from .modeling_recurrent_depth import RecurrentDepthForCausalLM
+from .static_cache_recurrent_depth import StaticRecurrentCache
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM

@@ -20,7 +20,8 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from .cache_recurrent_depth import RecurrentCache, StaticRecurrentCache, one_cache
+from .cache_recurrent_depth import RecurrentCache, one_cache
+from .static_cache_recurrent_depth import StaticRecurrentCache
 
 Readout = Callable[[], torch.Tensor]  # logits (rows, V) of the last position for the rows being checked
 
@@ -228,8 +229,6 @@ def speculative_generate(
     The output equals greedy decoding at `num_steps` (exactly, with init_scale=0). input_ids: (1, P).
     Returns the sequences (1, P + N) and statistics (rounds, drafted and accepted tokens).
     """
-    from .cache_recurrent_depth import RecurrentCache
-
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
             f"speculative decoding takes one sequence, input_ids of shape (1, P); got {tuple(input_ids.shape)}"

@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
-from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, StaticRecurrentCache, one_cache
+from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, one_cache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
 from .generation_recurrent_depth import (
     ExitCriterion,
@@ -34,6 +34,7 @@ from .generation_recurrent_depth import (
 )
 from .layers_recurrent_depth import Attention, BlockContext, GatedMLP, RecurrentBlock, RMSNorm, RotaryEmbedding
 from .serialization_recurrent_depth import StrictCheckpointPreTrainedModel
+from .static_cache_recurrent_depth import StaticRecurrentCache
 
 StepSpec = int | tuple[int, int]
 
