@@ -210,6 +210,26 @@ def make_exit_criterion(name: str, threshold: float | int | None = None) -> Exit
     return EXIT_CRITERIA[name](threshold)
 
 
+def exit_criterion_for(
+    name: str | None, threshold: float | None, min_steps: object, max_steps: int, training: bool, has_head: bool
+) -> ExitCriterion | None:
+    """The forward's adaptive-exit arguments checked together; None when adaptive exit is off (`name` None)."""
+    if name is None:
+        if threshold is not None or min_steps:
+            raise ValueError("exit_threshold and min_steps only apply with an exit_criterion")
+        return None
+    if training:
+        raise ValueError("exit_criterion is an inference option; call model.eval() first")
+    if not is_count(min_steps) or min_steps < 0:
+        raise TypeError(f"min_steps must be an int >= 0, got {min_steps!r}")
+    if max_steps < min_steps:
+        raise ValueError(f"num_steps ({max_steps}) is below min_steps ({min_steps})")
+    criterion = make_exit_criterion(name, threshold)
+    if criterion.needs_logits and not has_head:
+        raise ValueError(f"exit_criterion {name!r} reads logits: use RecurrentDepthForCausalLM")
+    return criterion
+
+
 @torch.no_grad()
 def speculative_generate(
     model,

@@ -14,6 +14,7 @@ from transformers.generation import MaxLengthCriteria
 
 from modeling_recurrent import RecurrentCache
 from modeling_recurrent.chain_task import build_tokenizer
+from modeling_recurrent.generation_recurrent_depth import exit_criterion_for
 
 from .conftest import tiny_model
 
@@ -357,6 +358,23 @@ def test_speculative_equals_greedy(model, draft_steps, draft_tokens):
 def test_bad_generation_options(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         model.generate(prompt(), num_steps=4, max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (("kl", None, 0, 4, True, True), ValueError, "inference option"),
+        (("kl", None, 1.5, 4, False, True), TypeError, "min_steps must be an int"),
+        (("kl", None, -1, 4, False, True), TypeError, "min_steps must be an int"),
+        (("kl", None, 0, 4, False, False), ValueError, "reads logits"),
+        ((None, None, 2, 4, False, True), ValueError, "only apply with"),
+    ],
+)
+def test_exit_arguments_are_checked_together(args, error, match):
+    with pytest.raises(error, match=match):
+        exit_criterion_for(*args)
+    assert exit_criterion_for(None, None, 0, 4, True, False) is None
+    assert exit_criterion_for("kl", None, 4, 4, False, True).needs_logits
 
 
 def test_cache_of_another_model_or_batch_is_refused(model):

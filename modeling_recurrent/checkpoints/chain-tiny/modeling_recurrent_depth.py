@@ -28,8 +28,7 @@ from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConf
 from .generation_recurrent_depth import (
     ExitCriterion,
     RecurrentGenerationMixin,
-    is_count,
-    make_exit_criterion,
+    exit_criterion_for,
     resolve_num_steps,
 )
 from .layers_recurrent_depth import Attention, BlockContext, GatedMLP, RecurrentBlock, RMSNorm, RotaryEmbedding
@@ -411,7 +410,9 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             steps = resolve_num_steps(
                 num_steps, self.config.mean_recurrence, self.training, self.config.mean_backprop_depth
             )
-        criterion = self._exit_criterion(exit_criterion, exit_threshold, min_steps, sum(steps), head)
+        criterion = exit_criterion_for(
+            exit_criterion, exit_threshold, min_steps, sum(steps), self.training, head is not None
+        )
 
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -444,25 +445,6 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             num_steps=steps,
             steps_used=steps_used,
         )
-
-    def _exit_criterion(
-        self, name: str | None, threshold: float | None, min_steps: object, max_steps: int, head: nn.Module | None
-    ) -> ExitCriterion | None:
-        """Validate the adaptive-exit arguments; None when adaptive exit is off."""
-        if name is None:
-            if threshold is not None or min_steps:
-                raise ValueError("exit_threshold and min_steps only apply with an exit_criterion")
-            return None
-        if self.training:
-            raise ValueError("exit_criterion is an inference option; call model.eval() first")
-        if not is_count(min_steps) or min_steps < 0:
-            raise TypeError(f"min_steps must be an int >= 0, got {min_steps!r}")
-        if max_steps < min_steps:
-            raise ValueError(f"num_steps ({max_steps}) is below min_steps ({min_steps})")
-        criterion = make_exit_criterion(name, threshold)
-        if criterion.needs_logits and head is None:
-            raise ValueError(f"exit_criterion {name!r} reads logits: use RecurrentDepthForCausalLM")
-        return criterion
 
 
 class RecurrentDepthForCausalLM(RecurrentDepthPreTrainedModel, RecurrentGenerationMixin):
