@@ -20,8 +20,8 @@ import torch
 
 from modeling_recurrent.chain_task import Problem, generate_problem
 from modeling_recurrent.chain_training import carry_inputs, read_digits
+from modeling_recurrent.deep_supervision import column_states
 from modeling_recurrent.demo import load
-from modeling_recurrent.train import column_states
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("model", help="a model folder trained with --chain-carry")
