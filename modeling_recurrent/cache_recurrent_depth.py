@@ -32,6 +32,7 @@ def check_cache_count(name: str, value: object, minimum: int) -> int:
 
 
 def check_cache_batch(held: int, given: int) -> None:
+    """Raise a ValueError naming both sizes if an input's batch size `given` differs from the cache's `held`."""
     if held != given:
         raise ValueError(
             f"this cache holds batch size {held} but the input has batch size {given}; "

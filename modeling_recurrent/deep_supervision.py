@@ -1,8 +1,8 @@
 """Deep supervision for `recurrent-depth train --deep-supervision`: the loss after every recurrence step.
 
-`column_states` runs the core and keeps the state after each step, optionally injecting a different prelude output
-per step (`chain_training.carry_inputs`); `StepwiseLoss` reads every kept state out through the coda and averages the
-losses, labelling step r for depth r when the chain batches carry paced labels.
+`column_states` runs the core and keeps the state after each step, optionally injecting a different prelude output per
+step (`chain_training.carry_inputs`); `StepwiseLoss` reads each state of a step with gradient out through the coda (and
+optionally directly) and averages the losses, labelling step r for depth r when the chain batches carry paced labels.
 """
 
 from __future__ import annotations

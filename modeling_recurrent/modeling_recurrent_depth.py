@@ -204,7 +204,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         batch = state.shape[0]
         active = torch.arange(batch, device=state.device)
         steps_used = torch.full((batch,), max_steps, dtype=torch.long, device=state.device)
-        logit_head = cast(nn.Module, head)  # _exit_criterion refuses a criterion that reads logits without a head
+        logit_head = cast(nn.Module, head)  # exit_criterion_for refuses a criterion that reads logits without a head
         criterion.start(state)
         for step in range(max_steps):
             sub = ctx if len(active) == batch else ctx.select(active)
@@ -411,7 +411,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
                 num_steps, self.config.mean_recurrence, self.training, self.config.mean_backprop_depth
             )
         criterion = exit_criterion_for(
-            exit_criterion, exit_threshold, min_steps, sum(steps), self.training, head is not None
+            exit_criterion, exit_threshold, min_steps, sum(steps), training=self.training, has_head=head is not None
         )
 
         output_hidden_states = (

@@ -25,12 +25,12 @@ def zeros(model, input_ids):
 def test_column_states_are_the_forward_states_at_every_depth(batch):
     model = tiny_model()
     input_ids, mask, _ = batch
+    states, _ = column_states(model.transformer, input_ids[..., None], mask, zeros(model, input_ids), (1, 2))
+    assert len(states) == 3 and [s.requires_grad for s in states] == [False, True, True]
     with torch.no_grad():
-        states, _ = column_states(model.transformer, input_ids[..., None], mask, zeros(model, input_ids), (1, 2))
         for depth, state in enumerate(states, start=1):
             out = model(input_ids, attention_mask=mask, num_steps=depth, init_scale=0.0)
             assert (model.transformer.ln_f(state) - out.latent_states).abs().max() <= 1e-5
-    assert len(states) == 3 and not states[0].requires_grad
 
 
 def test_repeated_columns_change_nothing(batch):

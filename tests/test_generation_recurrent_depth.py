@@ -361,20 +361,20 @@ def test_bad_generation_options(model, kwargs, error, match):
 
 
 @pytest.mark.parametrize(
-    "args, error, match",
+    "name, min_steps, training, has_head, error, match",
     [
-        (("kl", None, 0, 4, True, True), ValueError, "inference option"),
-        (("kl", None, 1.5, 4, False, True), TypeError, "min_steps must be an int"),
-        (("kl", None, -1, 4, False, True), TypeError, "min_steps must be an int"),
-        (("kl", None, 0, 4, False, False), ValueError, "reads logits"),
-        ((None, None, 2, 4, False, True), ValueError, "only apply with"),
+        ("kl", 0, True, True, ValueError, "inference option"),
+        ("kl", 1.5, False, True, TypeError, "min_steps must be an int"),
+        ("kl", -1, False, True, TypeError, "min_steps must be an int"),
+        ("kl", 0, False, False, ValueError, "reads logits"),
+        (None, 2, False, True, ValueError, "only apply with"),
     ],
 )
-def test_exit_arguments_are_checked_together(args, error, match):
+def test_exit_arguments_are_checked_together(name, min_steps, training, has_head, error, match):
     with pytest.raises(error, match=match):
-        exit_criterion_for(*args)
-    assert exit_criterion_for(None, None, 0, 4, True, False) is None
-    assert exit_criterion_for("kl", None, 4, 4, False, True).needs_logits
+        exit_criterion_for(name, None, min_steps, 4, training=training, has_head=has_head)
+    assert exit_criterion_for(None, None, 0, 4, training=True, has_head=False) is None
+    assert exit_criterion_for("kl", None, 4, 4, training=False, has_head=True).needs_logits
 
 
 def test_cache_of_another_model_or_batch_is_refused(model):

@@ -1,10 +1,10 @@
 """Generation: per-token adaptive exit criteria, self-speculative decoding and the causal LM's `generate`.
 
-Adaptive exit is a forward option (`exit_criterion`, `exit_threshold`, `min_steps`), so it works inside the standard
-`generate` with every decoding strategy; speculative decoding is its own named entry point. `RecurrentGenerationMixin`
-gives the causal LM Transformers' `generate` with this package's caches and a memory check; `resolve_num_steps`
-interprets the `num_steps` argument for it and for the model's forward. This file travels as remote code with every
-saved model.
+Adaptive exit is a forward option (`exit_criterion`, `exit_threshold`, `min_steps`, checked together by
+`exit_criterion_for`), so it works inside the standard `generate` with every decoding strategy; speculative decoding is
+its own named entry point. `RecurrentGenerationMixin` gives the causal LM Transformers' `generate` with this package's
+caches and a memory check; `resolve_num_steps` interprets the `num_steps` argument for it and for the model's forward.
+This file travels as remote code with every saved model.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def make_exit_criterion(name: str, threshold: float | int | None = None) -> Exit
 
 
 def exit_criterion_for(
-    name: str | None, threshold: float | None, min_steps: object, max_steps: int, training: bool, has_head: bool
+    name: str | None, threshold: float | None, min_steps: object, max_steps: int, *, training: bool, has_head: bool
 ) -> ExitCriterion | None:
     """The forward's adaptive-exit arguments checked together; None when adaptive exit is off (`name` None)."""
     if name is None:
