@@ -91,8 +91,8 @@ def check_carry(carry: object, paced: bool, n_queries: int, n_repeats: int, lite
     probability = check_probability("carry", carry)
     if probability and (not paced or n_queries != 1 or n_repeats != 0 or literal_operands):
         raise ValueError(
-            "carry hides the digits of the target's chain: it needs paced labels, one query per problem, no repeated "
-            f"statements and no literal operands (got paced={paced}, n_queries={n_queries}, n_repeats={n_repeats}, "
+            "carry needs paced, n_queries 1, n_repeats 0 and literal_operands 0: carry hides the digits of the "
+            f"target's chain (got paced={paced}, n_queries={n_queries}, n_repeats={n_repeats}, "
             f"literal_operands={literal_operands})"
         )
     return probability
@@ -108,7 +108,8 @@ class ChainOptions:
     (`resolved_statement_targets`); `backward` the chance that a problem's chains are written in backward order
     (`backward_order`); `paced` adds `chase_labels` for `paced_labels`, with `paced_offsets` the chance of a running
     offset in them (`paced_targets`); `carry` the chance that a problem's steps see only the digits they read
-    (`carry_inputs`, as `step_input_ids`).
+    (`carry_inputs`, as `step_input_ids`). Error messages name fields as words: `TrainArgs` rewrites each field name
+    into the command-line option that sets it.
     """
 
     n_queries: int = 4
@@ -126,6 +127,8 @@ class ChainOptions:
         check_count("n_repeats", self.n_repeats)
         for name in ("literal_operands", "backward", "paced_offsets"):
             check_probability(name, getattr(self, name))
+        if self.paced_offsets and not self.paced:
+            raise ValueError("paced_offsets labels the steps of paced: give both")
         check_carry(self.carry, self.paced, self.n_queries, self.n_repeats, self.literal_operands)
 
 

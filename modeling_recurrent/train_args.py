@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field
 
-from .chain_training import ChainOptions, check_carry, check_probability
+from .chain_training import ChainOptions, check_probability
 
 
 @dataclass
@@ -65,11 +66,9 @@ class TrainArgs:
             "eval_every": 1,
             "eval_samples": 1,
             "save_every": 1,
-            "chain_queries": 1,
             "warmup": 0,
             "seed": 0,
             "lora_rank": 0,
-            "chain_repeats": 0,
             "chain_start_hops": 0,
         }
         if self.mean_recurrence is not None:
@@ -85,30 +84,14 @@ class TrainArgs:
         for name in (
             "min_lr_ratio",
             "chain_advance_at",
-            "chain_literal_operands",
-            "chain_backward",
-            "chain_paced_offsets",
-            "chain_carry",
         ):
             check_probability(_option(name), getattr(self, name))
-        if self.chain_paced_offsets and not self.chain_paced:
-            raise ValueError("--chain-paced-offsets labels the steps of --chain-paced: give both")
-        if self.chain_carry:
-            if not self.deep_supervision:
-                raise ValueError("--chain-carry needs --deep-supervision: each recurrence step gets its own input")
-            try:
-                check_carry(
-                    self.chain_carry,
-                    self.chain_paced,
-                    self.chain_queries,
-                    self.chain_repeats,
-                    self.chain_literal_operands,
-                )
-            except ValueError:
-                raise ValueError(
-                    "--chain-carry needs --chain-paced, --chain-queries 1, --chain-repeats 0 and "
-                    "--chain-literal-operands 0: it hides the digits of the target's chain"
-                ) from None
+        try:  # ChainOptions checks the chain_* fields; its messages name them by ChainOptions' field names
+            self.chain_options()
+        except ValueError as error:
+            raise ValueError(_CHAIN_FIELD.sub(lambda m: _option(_CHAIN_OPTIONS[m[0]]), str(error))) from None
+        if self.chain_carry and not self.deep_supervision:
+            raise ValueError("--chain-carry needs --deep-supervision: each recurrence step gets its own input")
         if self.deep_supervision and self.fsdp:
             raise ValueError(
                 "--deep-supervision reads the model out between its own forward's parts, which FSDP "
@@ -119,22 +102,27 @@ class TrainArgs:
 
     def chain_options(self) -> ChainOptions:
         """How the chain data writes and labels its problems (the `chain_*` fields)."""
-        return ChainOptions(
-            n_queries=self.chain_queries,
-            n_repeats=self.chain_repeats,
-            literal_operands=self.chain_literal_operands,
-            statement_values=self.chain_statement_values,
-            backward=self.chain_backward,
-            paced=self.chain_paced,
-            paced_offsets=self.chain_paced_offsets,
-            carry=self.chain_carry,
-        )
+        return ChainOptions(**{name: getattr(self, field) for name, field in _CHAIN_OPTIONS.items()})
 
 
 def _require(name: str, value: object, kinds, ok, wanted: str) -> None:
     """ValueError naming the option of field `name` unless `value` is a `kinds` (never a bool) for which `ok` holds."""
     if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
         raise ValueError(f"{_option(name)} must be {wanted}, got {value!r}")
+
+
+# ChainOptions field -> the TrainArgs field (and so the command-line option) that sets it.
+_CHAIN_OPTIONS = {
+    "n_queries": "chain_queries",
+    "n_repeats": "chain_repeats",
+    "literal_operands": "chain_literal_operands",
+    "statement_values": "chain_statement_values",
+    "backward": "chain_backward",
+    "paced_offsets": "chain_paced_offsets",
+    "paced": "chain_paced",
+    "carry": "chain_carry",
+}
+_CHAIN_FIELD = re.compile(r"\b(" + "|".join(_CHAIN_OPTIONS) + r")\b")
 
 
 def _option(name: str) -> str:
