@@ -229,15 +229,16 @@ class RecurrentCache(Cache):
         while len(self.layers) <= index:
             self.layers.append(RecurrentSlot(reserve=self.reserve))
         target = self.layers[index]
-        if target.is_initialized and rows is None:
-            check_cache_batch(cast(torch.Tensor, target.keys).shape[0], key_states.shape[0])
         fill_from = self.layers[self.slot(CORE, layer, step - 1)] if phase == CORE and step > 0 else None
         keys, values = target.write(key_states, value_states, start, fill_from, rows)
         self._seq_length = max(self._seq_length, start + key_states.shape[-2])
         return keys, values
 
-    def check_room(self, length: int) -> None:
-        """Raise a ValueError if `length` more positions do not fit (once per forward; a dynamic cache always grows)."""
+    def check_room(self, length: int, num_steps: int, batch: int) -> None:
+        """Raise a ValueError, once per forward and before anything is written, if `batch` rows of `length` more
+        positions run for up to `num_steps` steps do not fit. A growing cache only checks the batch size."""
+        if self.layers and self.layers[0].is_initialized:
+            check_cache_batch(cast(torch.Tensor, self.layers[0].keys).shape[0], batch)
 
     def check_compatible(self, config: Any) -> None:
         """Raise a ValueError if this cache was built for a model of another shape."""

@@ -267,12 +267,14 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         cache: RecurrentCache | None,
+        num_steps: int = 1,
     ) -> BlockContext:
-        """Positions (following the padding mask), RoPE tables and the causal mask, built once per forward."""
+        """Positions (following the padding mask), RoPE tables and the causal mask, built once per forward that runs
+        up to `num_steps` recurrence steps (the cache checks they fit before anything is written)."""
         past = cache.get_seq_length() if cache is not None else 0  # a tensor for a StaticRecurrentCache
         batch, length = embeds.shape[:2]
         if cache is not None:
-            cache.check_room(length)
+            cache.check_room(length, num_steps, batch)
         if (
             attention_mask is not None
             and attention_mask.dim() == 2
@@ -319,11 +321,12 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         cache: RecurrentCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         record: Callable[[torch.Tensor], None] | None = None,
+        num_steps: int = 1,
     ) -> tuple[torch.Tensor, BlockContext]:
         """Embeddings and prelude: the prelude output (B, T, D) that every core step injects, and the block context
-        for the steps and the coda. `record` sees the embeddings and each prelude block's output."""
+        for the (up to `num_steps`) steps and the coda. `record` sees the embeddings and each prelude block's output."""
         embeds = self.embed(input_ids, inputs_embeds)
-        ctx = self.block_context(embeds, attention_mask, position_ids, cache)
+        ctx = self.block_context(embeds, attention_mask, position_ids, cache, num_steps)
         x = embeds
         if record is not None:
             record(x)
@@ -419,7 +422,7 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
         )
         hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
         record = hidden.append if hidden is not None else None
-        x, ctx = self.encode(input_ids, attention_mask, position_ids, cache, inputs_embeds, record)
+        x, ctx = self.encode(input_ids, attention_mask, position_ids, cache, inputs_embeds, record, sum(steps))
         state = self.initial_state(x, input_states, warm_start, cache, init_scale)
         if criterion is None:
             state = self.iterate(state, x, ctx, steps, record=record)

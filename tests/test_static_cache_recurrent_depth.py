@@ -118,3 +118,19 @@ def test_compiled_static_generate_equals_dynamic():
             batch, attention_mask=mask, cache_implementation="static", compile_config=compile_config, **kwargs
         )
         assert_same_generation(dynamic, static)
+
+
+def test_a_refused_call_leaves_the_static_cache_as_it_was(model):
+    """Too many steps is refused before anything is written, so later calls still match the growing cache."""
+    x = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+    dynamic, static = RecurrentCache(model.config), StaticRecurrentCache(model.config, 8, 1, num_steps=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="num_steps"):
+        model(x[:, :4], past_key_values=static, num_steps=6, init_scale=0.0)
+    with pytest.raises(ValueError, match="batch size"):
+        model(x[:, :4].expand(2, -1), past_key_values=static, num_steps=2, init_scale=0.0)
+    outputs = []
+    for cache in (dynamic, static):
+        with torch.no_grad():
+            model(x[:, :4], past_key_values=cache, num_steps=2, init_scale=0.0)
+            outputs.append(model(x[:, 4:], past_key_values=cache, num_steps=4, init_scale=0.0).logits)
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5

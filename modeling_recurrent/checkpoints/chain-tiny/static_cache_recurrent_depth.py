@@ -136,17 +136,11 @@ class StaticRecurrentCache(RecurrentCache):
         """Write (B, kv_heads, T, hd) at positions [start, start + T) of the slot; return the whole slot
         (B, kv_heads, max_cache_len, hd). With `rows`, the other rows keep their previous step's states here."""
         if phase == CORE:
-            if step >= self.max_steps:
-                raise ValueError(
-                    f"this StaticRecurrentCache holds {self.max_steps} recurrence steps; a call ran more (num_steps > "
-                    f"{self.max_steps}). Build it with a larger num_steps"
-                )
             self._top_step = max(self._top_step, step)
         length = key_states.shape[-2]
         target = self.layers[self.slot(phase, layer, step)]
         keys, values = target.keys, target.values
         if rows is None:
-            check_cache_batch(keys.shape[0], key_states.shape[0])
             positions = torch.arange(length, device=keys.device) + start
             keys.index_copy_(2, positions, key_states.to(keys.dtype))
             values.index_copy_(2, positions, value_states.to(values.dtype))
@@ -178,7 +172,13 @@ class StaticRecurrentCache(RecurrentCache):
         self.cumulative_length.add_(length)
         self.last_latent = last_latent
 
-    def check_room(self, length: int) -> None:
+    def check_room(self, length: int, num_steps: int, batch: int) -> None:
+        check_cache_batch(self.steps.shape[0], batch)
+        if num_steps > self.max_steps:
+            raise ValueError(
+                f"this StaticRecurrentCache holds {self.max_steps} recurrence steps; a call ran more (num_steps > "
+                f"{self.max_steps}). Build it with a larger num_steps"
+            )
         if not torch.compiler.is_compiling() and int(self.cumulative_length) + length > self.max_cache_len:
             raise ValueError(
                 f"this StaticRecurrentCache holds {self.max_cache_len} positions; writing {length} at "
