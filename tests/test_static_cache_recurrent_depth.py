@@ -134,3 +134,16 @@ def test_a_refused_call_leaves_the_static_cache_as_it_was(model):
             model(x[:, :4], past_key_values=cache, num_steps=2, init_scale=0.0)
             outputs.append(model(x[:, 4:], past_key_values=cache, num_steps=4, init_scale=0.0).logits)
     assert (outputs[0] - outputs[1]).abs().max() <= 1e-5
+
+
+def test_row_repeat_and_select_match_the_growing_cache(model):
+    x = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(7))
+    logits = []
+    for cache in (RecurrentCache(model.config), StaticRecurrentCache(model.config, 8, 2, num_steps=3)):
+        with torch.no_grad():
+            model(x, past_key_values=cache, num_steps=3, init_scale=0.0)
+            cache.batch_repeat_interleave(2)
+            cache.batch_select_indices(torch.tensor([0, 3]))
+            logits.append(model(x[:, :1], past_key_values=cache, num_steps=3, init_scale=0.0).logits)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5
+    assert cache.steps.shape[0] == 2 and cache.layers[0].keys.shape[0] == 2

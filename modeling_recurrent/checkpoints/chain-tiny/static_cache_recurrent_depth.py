@@ -60,15 +60,17 @@ class StaticRecurrentSlot(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.max_cache_len
 
-    def reset(self) -> None:
-        self.keys.zero_()
-        self.values.zero_()
-
     def crop(self, tokens_to_remove: int) -> None:
         """The cache crops its length as a whole."""
 
-    def _map_rows(self, fn) -> None:
-        self.keys, self.values = fn(self.keys), fn(self.values)
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each row (new tensors: a compiled decode step recompiles once)."""
+        self.keys, self.values = self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep these rows (new tensors: a compiled decode step recompiles once)."""
+        indices = indices.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, indices), self.values.index_select(0, indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Permute the rows in place: the tensors keep their addresses."""
@@ -215,11 +217,6 @@ class StaticRecurrentCache(RecurrentCache):
         self.steps.zero_()
         self.last_latent, self.prompt_length, self._top_step = None, 0, -1
 
-    def _map_batch(self, fn) -> None:
-        self.steps = fn(self.steps)
-        if self.last_latent is not None:
-            self.last_latent = fn(self.last_latent)
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: permute the rows in place (the tensors keep their addresses)."""
         for slot in self.layers:
@@ -227,18 +224,6 @@ class StaticRecurrentCache(RecurrentCache):
         self.steps.copy_(self.steps.index_select(0, beam_idx.to(self.steps.device)))
         if self.last_latent is not None:
             self.last_latent = self.last_latent.index_select(0, beam_idx.to(self.last_latent.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat each row (new tensors: a compiled decode step recompiles once)."""
-        for slot in self.layers:
-            slot._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep these rows (new tensors: a compiled decode step recompiles once)."""
-        for slot in self.layers:
-            slot._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
-        self._map_batch(lambda t: t.index_select(0, indices.to(t.device)))
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the whole preallocated tensors)."""
