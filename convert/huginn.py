@@ -151,7 +151,7 @@ def huginn_config_from_ours(config: RecurrentDepthConfig, code_repo: str = HUB_C
 
 def rope_table(config: RecurrentDepthConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The published `freqs_cis` buffer (1, block_size, 1, head_dim/2, 2): cos and sin of adjacent-pair RoPE."""
-    inv_freq = RotaryEmbedding(config).compute_inv_freq()[0].to(device)  # the model's own frequencies
+    inv_freq = RotaryEmbedding(config).inv_freq.to(device)  # the model's own frequencies
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=device)
     freqs = torch.outer(positions, inv_freq).float()
     table = torch.stack([torch.cos(freqs)[None, :, None, :], torch.sin(freqs)[None, :, None, :]], dim=4)

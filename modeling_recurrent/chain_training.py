@@ -39,6 +39,13 @@ def check_probability(name: str, value: object) -> float:
     return float(value)
 
 
+def check_queries(value: object) -> int:
+    """`value` if it is an int >= 1 (answered queries per problem); else a ValueError naming n_queries."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"n_queries must be an int >= 1, got {value!r}")
+    return value
+
+
 def substitute_operands(problem: Problem, rng: random.Random, probability: float) -> tuple[str, ...]:
     """The problem's statements with each dependent one's variable operand replaced, with `probability`, by that
     variable's value (`g=d-8` -> `g=0-8` when d is 0). Every variable keeps its value; a substituted link costs one
@@ -122,8 +129,7 @@ class ChainOptions:
     carry: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_queries, bool) or not isinstance(self.n_queries, int) or self.n_queries < 1:
-            raise ValueError(f"n_queries must be an int >= 1, got {self.n_queries!r}")
+        check_queries(self.n_queries)
         check_count("n_repeats", self.n_repeats)
         for name in ("literal_operands", "backward", "paced_offsets"):
             check_probability(name, getattr(self, name))
@@ -211,10 +217,8 @@ def training_example(
     with dense supervision. `literal_operands` is the chance that a dependent statement is written with its operand's
     value instead of its name (`substitute_operands`). `n_queries=1, n_repeats=0` gives exactly
     `problem.prompt + problem.answer`."""
-    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
-        raise ValueError(f"n_queries must be an int >= 1, got {n_queries!r}")
-    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 0:
-        raise ValueError(f"n_repeats must be an int >= 0, got {n_repeats!r}")
+    check_queries(n_queries)
+    check_count("n_repeats", n_repeats)
     statements = substitute_operands(problem, rng, literal_operands)
     others = [name for name in problem.values if name != problem.target]
     queried = [problem.target, *rng.sample(others, min(n_queries - 1, len(others)))]
