@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import torch
@@ -26,28 +27,17 @@ from transformers.utils import ModelOutput
 from .cache_recurrent_depth import CODA, CORE, PRELUDE, RecurrentCache, one_cache
 from .configuration_recurrent_depth import HuginnRavenConfig, RecurrentDepthConfig
 from .generation_recurrent_depth import (
-    ExitCriterion,
     RecurrentGenerationMixin,
     exit_criterion_for,
+    iterate_until_exit,
     resolve_num_steps,
+    sample_num_steps,
 )
 from .layers_recurrent_depth import Attention, BlockContext, GatedMLP, RecurrentBlock, RMSNorm, RotaryEmbedding
 from .serialization_recurrent_depth import StrictCheckpointPreTrainedModel
 from .static_cache_recurrent_depth import StaticRecurrentCache
 
 StepSpec = int | tuple[int, int]
-
-
-def sample_num_steps(
-    mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None
-) -> tuple[int, int]:
-    """Training depth of the paper: n = Poisson(LogNormal(mu, 0.5)) + 1, split as (max(n - k, 0), min(n, k))."""
-    t = max(mean_recurrence - backprop_depth, 0)
-    sigma = 0.5
-    mu = math.log(t + backprop_depth) - sigma**2 / 2
-    rate = torch.empty(1).log_normal_(mean=mu, std=sigma, generator=generator)
-    n = int(torch.poisson(rate, generator=generator).item()) + 1
-    return max(n - backprop_depth, 0), min(n, backprop_depth)
 
 
 @dataclass
@@ -183,44 +173,6 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             if record is not None:
                 record(state)
         return state
-
-    @torch.no_grad()
-    def iterate_adaptive(
-        self,
-        state: torch.Tensor,
-        embeds: torch.Tensor,
-        ctx: BlockContext,
-        max_steps: int,
-        criterion: ExitCriterion,
-        min_steps: int,
-        head: nn.Module | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Iterate each row until `criterion` says it converged (after >= min_steps, at most max_steps).
-
-        Rows that exited stop costing compute: later steps run on the remaining rows only, and the cache fills
-        their skipped steps with their last computed one. Returns the final states (B, T, D) and the steps each
-        row ran (B,).
-        """
-        batch = state.shape[0]
-        active = torch.arange(batch, device=state.device)
-        steps_used = torch.full((batch,), max_steps, dtype=torch.long, device=state.device)
-        logit_head = cast(nn.Module, head)  # exit_criterion_for refuses a criterion that reads logits without a head
-        criterion.start(state)
-        for step in range(max_steps):
-            sub = ctx if len(active) == batch else ctx.select(active)
-            new = self.core_step(state[active], embeds[active], sub, step)
-            state[active] = new
-
-            def last_logits(new: torch.Tensor = new, sub: BlockContext = sub) -> torch.Tensor:
-                return self.readout(new, sub, logit_head)[:, -1]
-
-            done = criterion.check(active, new, last_logits)
-            if step + 1 >= min_steps and done.any():
-                steps_used[active[done]] = step + 1
-                active = active[~done]
-                if len(active) == 0:
-                    break
-        return state, steps_used
 
     def readout(self, state: torch.Tensor, ctx: BlockContext, head: nn.Module) -> torch.Tensor:
         """Logits (B, T, V) that the coda and `head` give for a core state (the logit lens of a recurrence step)."""
@@ -428,7 +380,11 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
             state = self.iterate(state, x, ctx, steps, record=record)
             steps_used = torch.full((x.shape[0],), sum(steps), dtype=torch.long, device=x.device)
         else:
-            state, steps_used = self.iterate_adaptive(state, x, ctx, sum(steps), criterion, min_steps, head)
+            logit_head = cast(nn.Module, head)  # exit_criterion_for refuses a criterion that reads logits without one
+            readout = partial(self.readout, head=logit_head)
+            state, steps_used = iterate_until_exit(
+                self.core_step, readout, state, x, ctx, sum(steps), criterion, min_steps
+            )
         latent = self.ln_f(state) if self.config.core_output_norm else state
         x = latent
         for block in self.coda:
@@ -561,6 +517,4 @@ __all__ = [
     "RecurrentDepthModel",
     "RecurrentDepthOutput",
     "RecurrentDepthPreTrainedModel",
-    "resolve_num_steps",
-    "sample_num_steps",
 ]

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_co
 from .chain_task import SPLITS, build_tokenizer, evaluate_first_token
 from .chain_training import ChainBatches, paced_labels
 from .deep_supervision import StepwiseLoss, causal_lm
-from .modeling_recurrent_depth import sample_num_steps
+from .generation_recurrent_depth import sample_num_steps
 from .train_args import TrainArgs, args_from_namespace
 from .train_args import add_arguments as add_arguments  # the command-line interface cli.py looks for
 

@@ -7,8 +7,7 @@ import torch
 
 from modeling_recurrent import RecurrentDepthForCausalLM
 from modeling_recurrent.flops import flops_per_token
-from modeling_recurrent.generation_recurrent_depth import resolve_num_steps
-from modeling_recurrent.modeling_recurrent_depth import sample_num_steps
+from modeling_recurrent.generation_recurrent_depth import resolve_num_steps, sample_num_steps
 
 from .conftest import tiny_config, tiny_model
 

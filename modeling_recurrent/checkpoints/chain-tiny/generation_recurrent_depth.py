@@ -1,9 +1,10 @@
 """Generation: per-token adaptive exit criteria, self-speculative decoding and the causal LM's `generate`.
 
 Adaptive exit is a forward option (`exit_criterion`, `exit_threshold`, `min_steps`, checked together by
-`exit_criterion_for`), so it works inside the standard `generate` with every decoding strategy; speculative decoding is
-its own named entry point. `RecurrentGenerationMixin` gives the causal LM Transformers' `generate` with this package's
-caches and a memory check; `resolve_num_steps` interprets the `num_steps` argument for it and for the model's forward.
+`exit_criterion_for`, run by `iterate_until_exit`), so it works inside the standard `generate` with every decoding
+strategy; speculative decoding is its own named entry point. `RecurrentGenerationMixin` gives the causal LM
+Transformers' `generate` with this package's caches and a memory check; `resolve_num_steps` interprets the `num_steps`
+argument for it and for the model's forward, and `sample_num_steps` draws the training depth when none is given.
 This file travels as remote code with every saved model.
 """
 
@@ -21,6 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .cache_recurrent_depth import RecurrentCache, one_cache
+from .layers_recurrent_depth import BlockContext
 from .static_cache_recurrent_depth import StaticRecurrentCache
 
 Readout = Callable[[], torch.Tensor]  # logits (rows, V) of the last position for the rows being checked
@@ -53,6 +55,18 @@ def resolve_num_steps(num_steps: object, default: int, training: bool, backprop_
         with_grad = min(num_steps, backprop_depth)
         return num_steps - with_grad, with_grad
     return 0, num_steps
+
+
+def sample_num_steps(
+    mean_recurrence: int, backprop_depth: int, generator: torch.Generator | None = None
+) -> tuple[int, int]:
+    """Training depth of the paper: n = Poisson(LogNormal(mu, 0.5)) + 1, split as (max(n - k, 0), min(n, k))."""
+    t = max(mean_recurrence - backprop_depth, 0)
+    sigma = 0.5
+    mu = math.log(t + backprop_depth) - sigma**2 / 2
+    rate = torch.empty(1).log_normal_(mean=mu, std=sigma, generator=generator)
+    n = int(torch.poisson(rate, generator=generator).item()) + 1
+    return max(n - backprop_depth, 0), min(n, backprop_depth)
 
 
 def is_count(value: object) -> TypeGuard[int]:
@@ -228,6 +242,45 @@ def exit_criterion_for(
     if criterion.needs_logits and not has_head:
         raise ValueError(f"exit_criterion {name!r} reads logits: use RecurrentDepthForCausalLM")
     return criterion
+
+
+@torch.no_grad()
+def iterate_until_exit(
+    core_step: Callable[[torch.Tensor, torch.Tensor, BlockContext, int], torch.Tensor],
+    readout: Callable[[torch.Tensor, BlockContext], torch.Tensor],
+    state: torch.Tensor,
+    embeds: torch.Tensor,
+    ctx: BlockContext,
+    max_steps: int,
+    criterion: ExitCriterion,
+    min_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iterate `core_step` on each row until `criterion` says it converged (after >= min_steps, at most max_steps);
+    `readout(state, ctx)` gives the logits (rows, T, V) that logit criteria compare.
+
+    Rows that exited stop costing compute: later steps run on the remaining rows only, and the cache fills
+    their skipped steps with their last computed one. Returns the final states (B, T, D) and the steps each
+    row ran (B,).
+    """
+    batch = state.shape[0]
+    active = torch.arange(batch, device=state.device)
+    steps_used = torch.full((batch,), max_steps, dtype=torch.long, device=state.device)
+    criterion.start(state)
+    for step in range(max_steps):
+        sub = ctx if len(active) == batch else ctx.select(active)
+        new = core_step(state[active], embeds[active], sub, step)
+        state[active] = new
+
+        def last_logits(new: torch.Tensor = new, sub: BlockContext = sub) -> torch.Tensor:
+            return readout(new, sub)[:, -1]
+
+        done = criterion.check(active, new, last_logits)
+        if step + 1 >= min_steps and done.any():
+            steps_used[active[done]] = step + 1
+            active = active[~done]
+            if len(active) == 0:
+                break
+    return state, steps_used
 
 
 @torch.no_grad()
