@@ -40,6 +40,13 @@ def check_cache_batch(held: int, given: int) -> None:
         )
 
 
+def kept_length(tokens_to_remove: int, length: int) -> int:
+    """The length a cache of `length` positions keeps after `crop(tokens_to_remove)`: Transformers passes a negative
+    count to drop, a positive value is read as the length to keep."""
+    keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+    return min(max(keep, 0), length)
+
+
 class RecurrentSlot(CacheLayerMixin):
     """Keys and values of one slot: tensors (B, kv_heads, capacity, head_dim) of which `length` positions are used.
 
@@ -263,8 +270,7 @@ class RecurrentCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` positions (a positive value is read as the length to keep)."""
-        keep = tokens_to_remove if tokens_to_remove > 0 else self._seq_length + tokens_to_remove
-        keep = min(max(keep, 0), self._seq_length)
+        keep = kept_length(tokens_to_remove, self._seq_length)
         for slot in self.layers:  # slots of steps some tokens skipped are shorter: never grow them here
             slot.length = min(slot.length, keep)
         if self.steps is not None:
@@ -345,17 +351,19 @@ class RecurrentCache(Cache):
         return psutil.virtual_memory().available
 
 
+def one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | None) -> RecurrentCache | None:
+    """`past_key_values` and `cache` (its name in newer Transformers releases) are the same argument."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as either past_key_values or cache, not both")
+    return past_key_values if past_key_values is not None else cache
+
+
 __all__ = [
     "CODA",
     "CORE",
     "PRELUDE",
     "RecurrentCache",
     "RecurrentSlot",
+    "kept_length",
+    "one_cache",
 ]
-
-
-def one_cache(past_key_values: RecurrentCache | None, cache: RecurrentCache | None) -> RecurrentCache | None:
-    """`past_key_values` and `cache` (its name in newer Transformers releases) are the same argument."""
-    if past_key_values is not None and cache is not None and past_key_values is not cache:
-        raise ValueError("pass the cache as either past_key_values or cache, not both")
-    return past_key_values if past_key_values is not None else cache

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .cache_recurrent_depth import CORE, RecurrentCache, check_cache_batch, check_cache_count
+from .cache_recurrent_depth import CORE, RecurrentCache, check_cache_batch, check_cache_count, kept_length
 
 
 class StaticRecurrentSlot(CacheLayerMixin):
@@ -203,8 +203,7 @@ class StaticRecurrentCache(RecurrentCache):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` positions (a positive value is the length to keep); tensors stay."""
         current = int(self.cumulative_length)
-        keep = tokens_to_remove if tokens_to_remove > 0 else current + tokens_to_remove
-        keep = min(max(keep, 0), current)
+        keep = kept_length(tokens_to_remove, current)
         if keep < current:
             self.last_latent = None
         if keep == 0:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_recurrent import RecurrentCache
-from modeling_recurrent.cache_recurrent_depth import CODA, CORE, PRELUDE
+from modeling_recurrent.cache_recurrent_depth import CODA, CORE, PRELUDE, kept_length
 
 from .conftest import tiny_config, tiny_model
 
@@ -100,3 +100,8 @@ def test_different_num_steps_per_call_in_a_model():
         out = model(x[:, 5:], past_key_values=cache, num_steps=3, init_scale=0.0)
     assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 6
     assert cache.steps[0].tolist() == [2, 2, 2, 2, 5, 3]
+
+
+@pytest.mark.parametrize(("tokens_to_remove", "kept"), [(-2, 3), (-9, 0), (0, 5), (3, 3), (9, 5)])
+def test_kept_length_reads_negative_counts_as_drops_and_positive_ones_as_lengths(tokens_to_remove, kept):
+    assert kept_length(tokens_to_remove, 5) == kept
