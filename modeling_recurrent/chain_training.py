@@ -1,10 +1,10 @@
 """Training data for the chain task: batches of problems with their answers (and optionally more) supervised.
 
 `ChainBatches` draws problems of `chain_task` and labels them for `recurrent-depth train`. Beyond the answer, the
-options add denser or differently shaped supervision, each a research aid (docs/experiments/README.md says what each
-did): more queries per problem, repeated statements, literal operands, statement values, backward-ordered chains,
-paced labels (one look-up per recurrence step, with running offsets) and carried digits (each step sees only the
-digit its walk reads). Evaluation never uses them: it asks the spec's question.
+options add denser or differently shaped supervision, each a research aid (the shipped model's card and
+docs/experiments/README.md say what each did): more queries per problem, repeated statements, literal operands,
+statement values, backward-ordered chains, paced labels (one look-up per recurrence step, with running offsets) and
+carried digits (each step sees only the digit its walk reads). Evaluation never uses them: it asks the spec's question.
 """
 
 from __future__ import annotations

@@ -25,27 +25,23 @@ from modeling_recurrent.chain_task import (
     prompt_batches,
     sample_problems,
 )
+from modeling_recurrent.chain_training import backward_order
 from modeling_recurrent.demo import load
 
 
-def ordered(problem: Problem, forward: bool) -> Problem:
+def forward_order(problem: Problem) -> Problem:
     """`problem` with each chain's statements moved, within the places that chain occupies, into forward order (each
-    after its operand's statement) or backward order (each before it)."""
+    after its operand's statement): `chain_training.backward_order` the other way round."""
     chains: dict[str, list[tuple[int, int]]] = {}  # root -> (depth, place) of each of its statements
     for place, statement in enumerate(problem.statements):
         path = chase(problem.statements, statement[0])
         chains.setdefault(path[-1], []).append((len(path) - 1, place))
     statements = list(problem.statements)
     for members in chains.values():
-        by_depth = sorted(members, reverse=not forward)
+        by_depth = sorted(members)
         for place, (_, source) in zip(sorted(p for _, p in members), by_depth, strict=True):
             statements[place] = problem.statements[source]
     return replace(problem, prompt=format_prompt(statements, problem.target), statements=tuple(statements))
-
-
-def forward_order(problem: Problem, rng: random.Random, probability: float) -> Problem:
-    """With `probability`, `problem` in forward order (a drop-in for `chain_training.backward_order`)."""
-    return ordered(problem, True) if probability and rng.random() < probability else problem
 
 
 @torch.no_grad()
@@ -66,7 +62,7 @@ def statement_values(model, tokenizer, problems: list[Problem], steps: int) -> d
         ids = tokenizer(problem.prompt, return_tensors="pt").input_ids
         best = model(input_ids=ids, num_steps=steps, init_scale=0.0).logits[0].argmax(-1)
         ends = [i for i, char in enumerate(problem.prompt) if char == ";"]
-        for statement, end in zip(problem.statements, ends, strict=False):
+        for statement, end in zip(problem.statements, ends, strict=True):
             depth = len(chase(problem.statements, statement[0])) - 1
             predicted = tokenizer.convert_ids_to_tokens([int(best[end])])[0]
             tally.setdefault(depth, []).append(predicted == str(problem.values[statement[0]]))
@@ -85,16 +81,20 @@ def main() -> None:
     tokenizer, model = load(args.model)
     model.eval()
     steps = [int(s) for s in args.steps.split(",")]
-    orders = {"shuffled": None, "forward": True, "backward": False}
+    orders = {
+        "shuffled": lambda p: p,
+        "forward": forward_order,
+        "backward": lambda p: backward_order(p, random.Random(0), 1.0),
+    }
     print("order     hops  " + "  ".join(f"{s:>5}" for s in ["h+1", *steps]))
     for hops in (int(h) for h in args.hops.split(",")):
         base = sample_problems("in-distribution", args.n, args.seed + hops, hops=hops)
-        for name, forward in orders.items():
-            problems = base if forward is None else [ordered(p, forward) for p in base]
+        for name, order in orders.items():
+            problems = [order(p) for p in base]
             row = [answers(model, tokenizer, problems, s) for s in [hops + 1, *steps]]
             print(f"{name:9} {hops:4}  " + "  ".join(f"{a:5.2f}" for a in row), flush=True)
     if args.statements:
-        problems = [ordered(p, True) for p in sample_problems("in-distribution", args.n, args.seed, hops=6)]
+        problems = [forward_order(p) for p in sample_problems("in-distribution", args.n, args.seed, hops=6)]
         for s in [2, 4, *steps]:
             by_depth = statement_values(model, tokenizer, problems, s)
             print(f"statement values after {s} steps, by depth:", {d: round(a, 2) for d, a in by_depth.items()})

@@ -247,7 +247,7 @@ def exit_criterion_for(
 @torch.no_grad()
 def iterate_until_exit(
     core_step: Callable[[torch.Tensor, torch.Tensor, BlockContext, int], torch.Tensor],
-    readout: Callable[[torch.Tensor, BlockContext], torch.Tensor],
+    logits_of: Callable[[torch.Tensor, BlockContext], torch.Tensor],
     state: torch.Tensor,
     embeds: torch.Tensor,
     ctx: BlockContext,
@@ -256,7 +256,7 @@ def iterate_until_exit(
     min_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterate `core_step` on each row until `criterion` says it converged (after >= min_steps, at most max_steps);
-    `readout(state, ctx)` gives the logits (rows, T, V) that logit criteria compare.
+    `logits_of(state, ctx)` gives the logits (rows, T, V) that logit criteria compare.
 
     Rows that exited stop costing compute: later steps run on the remaining rows only, and the cache fills
     their skipped steps with their last computed one. Returns the final states (B, T, D) and the steps each
@@ -272,7 +272,7 @@ def iterate_until_exit(
         state[active] = new
 
         def last_logits(new: torch.Tensor = new, sub: BlockContext = sub) -> torch.Tensor:
-            return readout(new, sub)[:, -1]
+            return logits_of(new, sub)[:, -1]
 
         done = criterion.check(active, new, last_logits)
         if step + 1 >= min_steps and done.any():
