@@ -21,71 +21,10 @@ from typing import Any
 
 import torch
 
-from .bench_cases import Shape
+from .bench_cases import DEFAULT_PRESETS, PRESETS, Shape
 
 DEFAULT_CHAIN_MODEL = Path(__file__).resolve().parent / "checkpoints" / "chain-tiny"
 
-PRESETS: dict[str, Shape] = {
-    # The shape of issue 3: width 256, 4 heads, MLP 704, vocab 4096, blocks 2/4/2 at num_steps 8 (36 layers deep).
-    "tiny": Shape(
-        hidden_size=256,
-        num_attention_heads=4,
-        intermediate_size=704,
-        vocab_size=4096,
-        blocks=(2, 4, 2),
-        num_steps=8,
-        prefill_contexts=(32, 512, 2048),
-        decode_cases=((32, 1), (128, 1), (512, 1), (2048, 1), (32, 8), (512, 8), (2048, 8)),
-        generate_cases=((32, 64, 1), (512, 64, 1), (128, 64, 8)),
-        static_contexts=(32, 512, 2048),
-        train_batch=(2, 256),
-    ),
-    # About 51M unique parameters (the unrolled Llama: 162M).
-    "50m": Shape(
-        hidden_size=576,
-        num_attention_heads=9,
-        intermediate_size=1536,
-        vocab_size=32768,
-        blocks=(2, 4, 2),
-        num_steps=8,
-        prefill_contexts=(32, 512),
-        decode_cases=((32, 1), (512, 1), (32, 8), (512, 8)),
-        static_contexts=(32, 512),
-        train_batch=(1, 256),
-        decode_tokens=8,
-    ),
-    # Optional: about 120M unique parameters (the unrolled Llama: 430M); not part of the default run.
-    "120m": Shape(
-        hidden_size=1024,
-        num_attention_heads=16,
-        intermediate_size=2816,
-        vocab_size=32768,
-        blocks=(2, 4, 2),
-        num_steps=8,
-        prefill_contexts=(32, 512),
-        decode_cases=((32, 1), (512, 1)),
-        train_batch=(1, 128),
-        decode_tokens=8,
-    ),
-    # The smallest end-to-end run (tests): every code path, in seconds.
-    "quick": Shape(
-        hidden_size=64,
-        num_attention_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-        blocks=(1, 2, 1),
-        num_steps=2,
-        prefill_contexts=(16,),
-        decode_cases=((16, 1), (16, 2)),
-        generate_cases=((8, 4, 1),),
-        static_contexts=(16,),
-        train_batch=(1, 16),
-        decode_tokens=4,
-        warmup_tokens=1,
-        max_position_embeddings=128,
-    ),
-}
-DEFAULT_PRESETS = "tiny,50m"
 
 # metric -> (target, what the ratio means). A target is a lower bound ("higher is better for this package"), except
 # for "decode growth", an upper bound.
@@ -503,4 +442,4 @@ def print_chain(chain: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["PRESETS", "add_arguments", "bench_chain", "bench_preset", "run"]
+__all__ = ["add_arguments", "bench_chain", "bench_preset", "run"]

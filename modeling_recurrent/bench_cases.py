@@ -2,7 +2,8 @@
 two contenders in alternation so that both see the same machine load (ratios, never absolute targets).
 
 Decode is measured as a greedy loop of one-token forwards on a cache prefilled with a real prompt; a batch of 8
-repeats the batch-1 cache rows (`batch_repeat_interleave`), so no long batched prefill is needed.
+repeats the batch-1 cache rows (`batch_repeat_interleave`), so no long batched prefill is needed. `PRESETS` names the
+model shapes and the cases measured on each.
 """
 
 from __future__ import annotations
@@ -46,6 +47,69 @@ class Shape:
     decode_tokens: int = 16
     warmup_tokens: int = 2
     max_position_embeddings: int = 4096
+
+
+PRESETS: dict[str, Shape] = {
+    # The shape of issue 3: width 256, 4 heads, MLP 704, vocab 4096, blocks 2/4/2 at num_steps 8 (36 layers deep).
+    "tiny": Shape(
+        hidden_size=256,
+        num_attention_heads=4,
+        intermediate_size=704,
+        vocab_size=4096,
+        blocks=(2, 4, 2),
+        num_steps=8,
+        prefill_contexts=(32, 512, 2048),
+        decode_cases=((32, 1), (128, 1), (512, 1), (2048, 1), (32, 8), (512, 8), (2048, 8)),
+        generate_cases=((32, 64, 1), (512, 64, 1), (128, 64, 8)),
+        static_contexts=(32, 512, 2048),
+        train_batch=(2, 256),
+    ),
+    # About 51M unique parameters (the unrolled Llama: 162M).
+    "50m": Shape(
+        hidden_size=576,
+        num_attention_heads=9,
+        intermediate_size=1536,
+        vocab_size=32768,
+        blocks=(2, 4, 2),
+        num_steps=8,
+        prefill_contexts=(32, 512),
+        decode_cases=((32, 1), (512, 1), (32, 8), (512, 8)),
+        static_contexts=(32, 512),
+        train_batch=(1, 256),
+        decode_tokens=8,
+    ),
+    # Optional: about 120M unique parameters (the unrolled Llama: 430M); not part of the default run.
+    "120m": Shape(
+        hidden_size=1024,
+        num_attention_heads=16,
+        intermediate_size=2816,
+        vocab_size=32768,
+        blocks=(2, 4, 2),
+        num_steps=8,
+        prefill_contexts=(32, 512),
+        decode_cases=((32, 1), (512, 1)),
+        train_batch=(1, 128),
+        decode_tokens=8,
+    ),
+    # The smallest end-to-end run (tests): every code path, in seconds.
+    "quick": Shape(
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        blocks=(1, 2, 1),
+        num_steps=2,
+        prefill_contexts=(16,),
+        decode_cases=((16, 1), (16, 2)),
+        generate_cases=((8, 4, 1),),
+        static_contexts=(16,),
+        train_batch=(1, 16),
+        decode_tokens=4,
+        warmup_tokens=1,
+        max_position_embeddings=128,
+    ),
+}
+DEFAULT_PRESETS = "tiny,50m"
 
 
 @dataclass
@@ -352,6 +416,8 @@ def kv_sharing(model, texts: list[dict[str, torch.Tensor]], num_steps: int, slot
 
 
 __all__ = [
+    "DEFAULT_PRESETS",
+    "PRESETS",
     "Contender",
     "Shape",
     "adaptive_exit",
