@@ -3,8 +3,9 @@
 `ChainBatches` draws problems of `chain_task` and labels them for `recurrent-depth train`. Beyond the answer, the
 options add denser or differently shaped supervision, each a research aid (the shipped model's card and
 docs/experiments/README.md say what each did): more queries per problem, repeated statements, literal operands,
-statement values, backward-ordered chains, paced labels (one look-up per recurrence step, with running offsets) and
-carried digits (each step sees only the digit its walk reads). Evaluation never uses them: it asks the spec's question.
+statement values, backward- or forward-ordered chains, paced labels (one look-up per recurrence step, with running
+offsets) and carried digits (each step sees only the digit its walk reads). Evaluation never uses them: it asks the
+spec's question.
 """
 
 from __future__ import annotations
@@ -112,11 +113,11 @@ class ChainOptions:
     `n_queries` answered queries and `n_repeats` repeated statements per problem (`training_example`);
     `literal_operands` the chance of a statement written with its operand's value (`substitute_operands`);
     `statement_values` also supervises every statement resolvable from the ones before it
-    (`resolved_statement_targets`); `backward` the chance that a problem's chains are written in backward order
-    (`backward_order`); `paced` adds `chase_labels` for `paced_labels`, with `paced_offsets` the chance of a running
-    offset in them (`paced_targets`); `carry` the chance that a problem's steps see only the digits they read
-    (`carry_inputs`, as `step_input_ids`). Error messages name fields as words: `TrainArgs` rewrites each field name
-    into the command-line option that sets it.
+    (`resolved_statement_targets`); `backward` and `forward` the chances that a problem's chains are written in
+    backward or forward order (`chain_order`); `paced` adds `chase_labels` for `paced_labels`, with `paced_offsets`
+    the chance of a running offset in them (`paced_targets`); `carry` the chance that a problem's steps see only the
+    digits they read (`carry_inputs`, as `step_input_ids`). Error messages name fields as words: `TrainArgs` rewrites
+    each field name into the command-line option that sets it.
     """
 
     n_queries: int = 4
@@ -124,6 +125,7 @@ class ChainOptions:
     literal_operands: float = 0.0
     statement_values: bool = False
     backward: float = 0.0
+    forward: float = 0.0
     paced: bool = False
     paced_offsets: float = 0.0
     carry: float = 0.0
@@ -131,8 +133,10 @@ class ChainOptions:
     def __post_init__(self) -> None:
         check_queries(self.n_queries)
         check_count("n_repeats", self.n_repeats)
-        for name in ("literal_operands", "backward", "paced_offsets"):
+        for name in ("literal_operands", "backward", "forward", "paced_offsets"):
             check_probability(name, getattr(self, name))
+        if self.backward + self.forward > 1:
+            raise ValueError(f"backward + forward must be <= 1, got {self.backward} + {self.forward}")
         if self.paced_offsets and not self.paced:
             raise ValueError("paced_offsets labels the steps of paced: give both")
         check_carry(self.carry, self.paced, self.n_queries, self.n_repeats, self.literal_operands)
@@ -169,22 +173,31 @@ def carry_inputs(
     return steps
 
 
-def backward_order(problem: Problem, rng: random.Random, probability: float) -> Problem:
-    """With `probability`, the problem with each chain's statements moved, within the places that chain occupies, into
-    backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); else `problem` itself.
+def chain_order(problem: Problem, rng: random.Random, backward: float = 0.0, forward: float = 0.0) -> Problem:
+    """With chance `backward`, the problem with each chain's statements moved, within the places that chain occupies,
+    into backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); with chance
+    `forward`, into forward order (every statement after it: `d=0;...;g=d-8`); else `problem` itself.
 
-    In that order no statement's value follows from the ones before it, so only the answering position can resolve a
-    chain, one look-up per hop: the iterative skill that longer chains and deeper recurrence need."""
-    if check_probability("probability", probability) == 0 or rng.random() >= probability:
-        return problem  # probability 0 draws nothing: data streams without the option stay as they were
+    In backward order no statement's value follows from the ones before it, so only the answering position can
+    resolve a chain, one look-up per hop. In forward order every statement's value does, so each position can resolve
+    its own from the one before (what `statement_values` supervises)."""
+    check_probability("backward", backward)
+    check_probability("forward", forward)
+    if backward + forward > 1:
+        raise ValueError(f"backward + forward must be <= 1, got {backward} + {forward}")
+    if backward + forward == 0:
+        return problem  # nothing drawn: data streams without the options stay as they were
+    draw = rng.random()
+    if draw >= backward + forward:
+        return problem
     chains: dict[str, list[tuple[int, int]]] = {}  # root -> (depth, place) of each of its statements
     for place, statement in enumerate(problem.statements):
         path = chase(problem.statements, statement[0])
         chains.setdefault(path[-1], []).append((len(path) - 1, place))
     statements = list(problem.statements)
     for members in chains.values():
-        deepest_first = sorted(members, reverse=True)
-        for place, (_, source) in zip(sorted(p for _, p in members), deepest_first, strict=True):
+        in_order = sorted(members, reverse=draw < backward)  # deepest first for backward order
+        for place, (_, source) in zip(sorted(p for _, p in members), in_order, strict=True):
             statements[place] = problem.statements[source]
     return replace(problem, prompt=format_prompt(statements, problem.target), statements=tuple(statements))
 
@@ -284,7 +297,7 @@ def training_batch(
     texts, positions, targets, paced_steps, reads = [], [], [], [], []
     for h in _draw_hops(rng, batch_size, hops, hop_weights):
         problem = generate_problem(rng, h, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
-        problem = backward_order(problem, rng, o.backward)
+        problem = chain_order(problem, rng, o.backward, o.forward)
         text, answers = training_example(problem, rng, o.n_queries, o.n_repeats, o.literal_operands)
         texts.append(text)
         positions.append(answers)

@@ -49,6 +49,7 @@ class TrainArgs:
     chain_literal_operands: float = 0.0
     chain_statement_values: bool = False
     chain_backward: float = 0.0
+    chain_forward: float = 0.0
     chain_paced: bool = False
     chain_paced_offsets: float = 0.0
     chain_carry: float = 0.0  # chance that a problem's steps see only the digits of its chain they read
@@ -118,6 +119,7 @@ _CHAIN_OPTIONS = {
     "literal_operands": "chain_literal_operands",
     "statement_values": "chain_statement_values",
     "backward": "chain_backward",
+    "forward": "chain_forward",
     "paced_offsets": "chain_paced_offsets",
     "paced": "chain_paced",
     "carry": "chain_carry",
@@ -155,6 +157,9 @@ _HELP = {
     "(teaches a hop's arithmetic apart from its indirection; evaluation always uses the spec's format)",
     "chain_backward": "chance that a training problem's chains are written in backward order (`g=d-8;...;d=0`), where "
     "only the answering position can resolve them, one look-up per hop (evaluation keeps the spec's shuffled order)",
+    "chain_forward": "chance that a training problem's chains are written in forward order (`d=0;...;g=d-8`), where "
+    "every statement can be resolved from the ones before it (with --chain-statement-values each is supervised); "
+    "--chain-backward + --chain-forward <= 1",
     "chain_paced_offsets": "with --chain-paced: chance that a query's label at a step before its chain is resolved "
     "is the running offset (`2` for `g=d-8`: value(g) - value(d)) instead of the variable reached, so the readout "
     "also names the sum the look-ups so far add",

@@ -10,8 +10,8 @@ from modeling_recurrent.chain_task import build_tokenizer, generate_problem, sam
 from modeling_recurrent.chain_training import (
     ChainBatches,
     ChainOptions,
-    backward_order,
     carry_inputs,
+    chain_order,
     paced_labels,
     paced_targets,
     read_digits,
@@ -217,13 +217,18 @@ def in_backward_order(statements: tuple[str, ...]) -> bool:
     return all(place[name] < place[rule[0]] for name, rule in parse(list(statements)).items() if len(rule) == 3)
 
 
+def in_forward_order(statements: tuple[str, ...]) -> bool:
+    place = {statement[0]: i for i, statement in enumerate(statements)}
+    return all(place[name] > place[rule[0]] for name, rule in parse(list(statements)).items() if len(rule) == 3)
+
+
 def test_backward_order_puts_every_statement_before_its_operand():
     rng, moved = random.Random(5), 0
     for problem in sample_problems("in-distribution", 100, seed=6):
         rng_state = rng.getstate()
-        assert backward_order(problem, rng, 0) is problem
+        assert chain_order(problem, rng) is problem
         assert rng.getstate() == rng_state  # nothing drawn: old data streams unchanged
-        backward = backward_order(problem, rng, 1.0)
+        backward = chain_order(problem, rng, backward=1.0)
         rules = parse(list(backward.statements))
         assert sorted(backward.statements) == sorted(problem.statements)
         assert {name: resolve(rules, name)[0] for name in rules} == problem.values
@@ -240,8 +245,42 @@ def test_backward_order_puts_every_statement_before_its_operand():
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
         statements = row_text(tok, ids, mask).split(";?")[0].split(";")
         assert in_backward_order(tuple(statements))
-    with pytest.raises(ValueError, match="probability"):
-        backward_order(sample_problems("harder", 1, seed=0)[0], random.Random(0), -0.1)
+    with pytest.raises(ValueError, match="backward must be a number in"):
+        chain_order(sample_problems("harder", 1, seed=0)[0], random.Random(0), -0.1)
+    with pytest.raises(ValueError, match="forward must be a number in"):
+        chain_order(sample_problems("harder", 1, seed=0)[0], random.Random(0), forward=1.5)
+
+
+def test_forward_order_makes_every_statement_resolvable_from_the_ones_before_it():
+    rng = random.Random(7)
+    for problem in sample_problems("in-distribution", 100, seed=8):
+        forward = chain_order(problem, rng, forward=1.0)
+        assert sorted(forward.statements) == sorted(problem.statements)
+        assert evaluate_prompt(forward.prompt) == int(forward.answer) == int(problem.answer)
+        assert in_forward_order(forward.statements)
+        assert places_by_chain(forward.statements) == places_by_chain(problem.statements)
+        resolved = resolved_statement_targets(forward.statements, forward.values)
+        assert len(resolved) == len(forward.statements)  # every statement, not only each chain's literal
+
+
+def test_chain_order_draws_one_number_and_splits_it_between_the_orders():
+    problems = sample_problems("in-distribution", 400, seed=9, hops=3)
+    rng, drawn = random.Random(10), random.Random(10)
+    orders = []
+    for problem in problems:
+        ordered = chain_order(problem, rng, backward=0.3, forward=0.5)
+        draw = drawn.random()  # the same single draw: a run with only --chain-backward keeps its data stream
+        expected = "backward" if draw < 0.3 else "forward" if draw < 0.8 else "as generated"
+        if expected == "as generated":
+            assert ordered is problem
+        else:
+            assert (in_backward_order if expected == "backward" else in_forward_order)(ordered.statements)
+        orders.append(expected)
+    assert {"backward", "forward", "as generated"} == set(orders)
+    with pytest.raises(ValueError, match="backward \\+ forward must be <= 1"):
+        chain_order(problems[0], rng, backward=0.6, forward=0.6)
+    with pytest.raises(ValueError, match="backward \\+ forward"):
+        ChainOptions(backward=0.6, forward=0.6)
 
 
 def test_paced_labels_name_the_variable_reached_until_the_chain_is_resolved():

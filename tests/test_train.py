@@ -290,14 +290,17 @@ def test_statement_values_option_reaches_the_data(tmp_path):
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
 
 
-def test_backward_option_reaches_the_data(tmp_path):
+@pytest.mark.parametrize(("option", "field"), [("--chain-backward", "backward"), ("--chain-forward", "forward")])
+def test_order_options_reach_the_data(tmp_path, option, field):
     from modeling_recurrent.chain_training import ChainBatches, ChainOptions
 
-    trainer = tiny_trainer(tmp_path, "--chain-backward 0.5")
-    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), ChainOptions(n_repeats=2, backward=0.5)).batch(0)
+    trainer = tiny_trainer(tmp_path, f"{option} 0.5")
+    expected = ChainBatches(trainer.tokenizer, 0, 4, (0, 1), ChainOptions(n_repeats=2, **{field: 0.5})).batch(0)
     assert all(torch.equal(trainer.global_batch()[k], expected[k]) for k in expected)
-    with pytest.raises(ValueError, match="--chain-backward"):
-        TrainArgs(out="x", chain_backward=2)
+    with pytest.raises(ValueError, match=option):
+        TrainArgs(out="x", **{f"chain_{field}": 2})
+    with pytest.raises(ValueError, match="--chain-backward \\+ --chain-forward must be <= 1"):
+        TrainArgs(out="x", chain_backward=0.5, chain_forward=0.6)
 
 
 def test_paced_option_labels_each_step_for_the_depth_it_drew(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import replace
 
 import torch
 
@@ -21,27 +20,11 @@ from modeling_recurrent.chain_task import (
     Problem,
     accuracy_by_hops,
     chase,
-    format_prompt,
     prompt_batches,
     sample_problems,
 )
-from modeling_recurrent.chain_training import backward_order
+from modeling_recurrent.chain_training import chain_order
 from modeling_recurrent.demo import load
-
-
-def forward_order(problem: Problem) -> Problem:
-    """`problem` with each chain's statements moved, within the places that chain occupies, into forward order (each
-    after its operand's statement): `chain_training.backward_order` the other way round."""
-    chains: dict[str, list[tuple[int, int]]] = {}  # root -> (depth, place) of each of its statements
-    for place, statement in enumerate(problem.statements):
-        path = chase(problem.statements, statement[0])
-        chains.setdefault(path[-1], []).append((len(path) - 1, place))
-    statements = list(problem.statements)
-    for members in chains.values():
-        by_depth = sorted(members)
-        for place, (_, source) in zip(sorted(p for _, p in members), by_depth, strict=True):
-            statements[place] = problem.statements[source]
-    return replace(problem, prompt=format_prompt(statements, problem.target), statements=tuple(statements))
 
 
 @torch.no_grad()
@@ -83,8 +66,8 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     orders = {
         "shuffled": lambda p: p,
-        "forward": forward_order,
-        "backward": lambda p: backward_order(p, random.Random(0), 1.0),
+        "forward": lambda p: chain_order(p, random.Random(0), forward=1.0),
+        "backward": lambda p: chain_order(p, random.Random(0), backward=1.0),
     }
     print("order     hops  " + "  ".join(f"{s:>5}" for s in ["h+1", *steps]))
     for hops in (int(h) for h in args.hops.split(",")):
@@ -94,7 +77,10 @@ def main() -> None:
             row = [answers(model, tokenizer, problems, s) for s in [hops + 1, *steps]]
             print(f"{name:9} {hops:4}  " + "  ".join(f"{a:5.2f}" for a in row), flush=True)
     if args.statements:
-        problems = [forward_order(p) for p in sample_problems("in-distribution", args.n, args.seed, hops=6)]
+        problems = [
+            chain_order(p, random.Random(0), forward=1.0)
+            for p in sample_problems("in-distribution", args.n, args.seed, hops=6)
+        ]
         for s in [2, 4, *steps]:
             by_depth = statement_values(model, tokenizer, problems, s)
             print(f"statement values after {s} steps, by depth:", {d: round(a, 2) for d, a in by_depth.items()})

@@ -50,7 +50,7 @@ from modeling_recurrent.chain_task import (
     format_prompt,
     generate_problem,
 )
-from modeling_recurrent.chain_training import backward_order
+from modeling_recurrent.chain_training import chain_order
 from modeling_recurrent.layers_recurrent_depth import eager_attention
 from modeling_recurrent.walk_probe import DONE, label_tensors, walk_labels
 
@@ -156,7 +156,7 @@ def batch(step):
     for _ in range(args.batch):
         hops = rng.randint(0, args.max_hops)
         problem = generate_problem(rng, hops, n_distractors=spec.n_distractors, distractor_hops=spec.distractor_hops)
-        problem = backward_order(problem, rng, args.backward)
+        problem = chain_order(problem, rng, args.backward)
         texts.append(problem.prompt + problem.answer)
         positions.append(len(problem.prompt) - 1)
         labels.append(walk_labels(problem, most_steps))
