@@ -133,10 +133,9 @@ class ChainOptions:
     def __post_init__(self) -> None:
         check_queries(self.n_queries)
         check_count("n_repeats", self.n_repeats)
-        for name in ("literal_operands", "backward", "forward", "paced_offsets"):
+        for name in ("literal_operands", "paced_offsets"):
             check_probability(name, getattr(self, name))
-        if self.backward + self.forward > 1:
-            raise ValueError(f"backward + forward must be <= 1, got {self.backward} + {self.forward}")
+        check_orders(self.backward, self.forward)
         if self.paced_offsets and not self.paced:
             raise ValueError("paced_offsets labels the steps of paced: give both")
         check_carry(self.carry, self.paced, self.n_queries, self.n_repeats, self.literal_operands)
@@ -173,6 +172,14 @@ def carry_inputs(
     return steps
 
 
+def check_orders(backward: object, forward: object) -> float:
+    """The chance that a problem is reordered, `backward + forward`, after checking both chances and their sum."""
+    total = check_probability("backward", backward) + check_probability("forward", forward)
+    if total > 1:
+        raise ValueError(f"backward + forward must be <= 1, got {backward} + {forward}")
+    return total
+
+
 def chain_order(problem: Problem, rng: random.Random, backward: float = 0.0, forward: float = 0.0) -> Problem:
     """With chance `backward`, the problem with each chain's statements moved, within the places that chain occupies,
     into backward order (every statement before the one defining its operand: `g=d-8;...;d=0`); with chance
@@ -181,14 +188,11 @@ def chain_order(problem: Problem, rng: random.Random, backward: float = 0.0, for
     In backward order no statement's value follows from the ones before it, so only the answering position can
     resolve a chain, one look-up per hop. In forward order every statement's value does, so each position can resolve
     its own from the one before (what `statement_values` supervises)."""
-    check_probability("backward", backward)
-    check_probability("forward", forward)
-    if backward + forward > 1:
-        raise ValueError(f"backward + forward must be <= 1, got {backward} + {forward}")
-    if backward + forward == 0:
+    reordered = check_orders(backward, forward)
+    if reordered == 0:
         return problem  # nothing drawn: data streams without the options stay as they were
     draw = rng.random()
-    if draw >= backward + forward:
+    if draw >= reordered:
         return problem
     chains: dict[str, list[tuple[int, int]]] = {}  # root -> (depth, place) of each of its statements
     for place, statement in enumerate(problem.statements):
