@@ -174,12 +174,13 @@ class RecurrentDepthModel(RecurrentDepthPreTrainedModel):
                 record(state)
         return state
 
-    def readout(self, state: torch.Tensor, ctx: BlockContext, head: nn.Module) -> torch.Tensor:
-        """Logits (B, T, V) that the coda and `head` give for a core state (the logit lens of a recurrence step)."""
+    def readout(self, state: torch.Tensor, ctx: BlockContext, head: nn.Module, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) that the coda and `head` give for a core state (the logit lens of a recurrence step);
+        with `last_only`, (B, 1, V) for the last position (the coda still runs on all of them, the head does not)."""
         x = self.ln_f(state) if self.config.core_output_norm else state
         for block in self.coda:
             x = block(x, ctx)
-        return head(self.ln_f(x)).float()
+        return head(self.ln_f(x[:, -1:] if last_only else x)).float()
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """Scaled token embeddings (B, T, D), with the input checked against the vocabulary."""

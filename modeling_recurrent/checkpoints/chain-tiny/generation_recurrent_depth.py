@@ -256,7 +256,8 @@ def iterate_until_exit(
     min_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterate `core_step` on each row until `criterion` says it converged (after >= min_steps, at most max_steps);
-    `logits_of(state, ctx)` gives the logits (rows, T, V) that logit criteria compare.
+    `logits_of(state, ctx)` gives logits (rows, T', V) whose last position logit criteria compare (criteria that
+    read logits call it once per step, so it need not compute the other positions).
 
     Rows that exited stop costing compute: later steps run on the remaining rows only, and the cache fills
     their skipped steps with their last computed one. Returns the final states (B, T, D) and the steps each
