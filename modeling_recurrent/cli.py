@@ -57,6 +57,20 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+def parse_integers(text: str, option: str, positive: bool = True) -> list[int]:
+    """A command line's comma-separated integers ('1,4,16' -> [1, 4, 16]); ValueError naming `option` and the text
+    if one is not an integer, none is given, or (with `positive`) one is below 1."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as error:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from error
+    if not values:
+        raise ValueError(f"{option} names no integer: {text!r}")
+    if positive and min(values) < 1:
+        raise ValueError(f"{option} must be positive integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recurrent-depth",

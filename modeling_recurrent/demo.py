@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cli import parse_integers
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "chain-tiny"
 DEFAULT_STEPS = "1,2,4,8,16,32,64"
 
@@ -28,17 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=128, help="problems per generate call (left-padded)")
     parser.add_argument("--out", default="demo-out", help="output directory (created if missing)")
-
-
-def parse_steps(text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4]; ValueError naming the bad value."""
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as error:
-        raise ValueError(f"--steps must be comma-separated integers, got {text!r}") from error
-    if not steps or min(steps) < 1:
-        raise ValueError(f"--steps must be positive integers, got {text!r}")
-    return steps
 
 
 def load(model_path: str):
@@ -86,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from .chain_task import accuracy_by_hops, sample_problems
     from .flops import flops_per_token
 
-    steps = parse_steps(args.steps)
+    steps = parse_integers(args.steps, "--steps")
     for name, value in (("--n", args.n), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import lm_eval  # optional dependency (the `eval` extra): without it `recurrent-depth eval` reports itself unavailable
 import torch
 
+from .cli import parse_integers
 from .convert.card import metric_items
 
 if TYPE_CHECKING:
@@ -156,22 +157,11 @@ def lm_class() -> type[HFLM]:
     return RecurrentDepthLM
 
 
-def parse_num_steps(text: str) -> list[int]:
-    """'1,4,16' -> [1, 4, 16]; ValueError naming the bad value."""
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as error:
-        raise ValueError(f"--num-steps must be comma-separated integers, got {text!r}") from error
-    if not steps or min(steps) < 1:
-        raise ValueError(f"--num-steps must be positive integers, got {text!r}")
-    return steps
-
-
 def check_args(args: argparse.Namespace) -> tuple[Path, list[str], list[int]]:
     """The model folder, task names and num_steps of the command line; ValueError / FileNotFoundError if bad."""
     from .generation_recurrent_depth import EXIT_CRITERIA, make_exit_criterion
 
-    steps = parse_num_steps(args.num_steps)
+    steps = parse_integers(args.num_steps, "--num-steps")
     if args.exit_criterion is not None and args.exit_criterion not in EXIT_CRITERIA:
         raise ValueError(f"--exit-criterion must be one of {sorted(EXIT_CRITERIA)}, got {args.exit_criterion!r}")
     if args.exit_criterion is None and (args.exit_threshold is not None or args.min_steps):

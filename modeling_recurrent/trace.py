@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cli import parse_integers
 from .generation_recurrent_depth import EXIT_CRITERIA, KL, Cosine, LatentDiff, MinPKL
 
 # Classifier defaults (see `classify`).
@@ -346,13 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_tokens(text: str, length: int) -> list[int]:
     """'0,3,-1' -> sorted indices into a prompt of `length` tokens; ValueError naming the bad value."""
-    try:
-        indices = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as error:
-        raise ValueError(f"--tokens must be comma-separated integers, got {text!r}") from error
-    if not indices:
-        raise ValueError(f"--tokens names no token: {text!r}")
-    return resolve_positions(indices, length)
+    return resolve_positions(parse_integers(text, "--tokens", positive=False), length)
 
 
 def default_tokens(texts: list[str], last: int = 4, limit: int = 8) -> list[int]:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .chain_training import ChainOptions, check_probability
+from .cli import parse_integers
 
 
 @dataclass
@@ -246,9 +247,6 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    try:
-        steps = [int(s) for s in ns.eval_steps.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--eval-steps must be comma-separated positive integers, got {ns.eval_steps!r}") from None
+    steps = parse_integers(ns.eval_steps, "--eval-steps", positive=False)  # TrainArgs checks the values
     fields = {k: v for k, v in vars(ns).items() if k in TrainArgs.__dataclass_fields__}
     return TrainArgs(**{**fields, "config_overrides": overrides, "eval_steps": steps})

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 import modeling_recurrent
-from modeling_recurrent.cli import build_parser, extra_for, main
+from modeling_recurrent.cli import build_parser, extra_for, main, parse_integers
 
 SHIPPED = Path(modeling_recurrent.__file__).parent / "checkpoints" / "chain-tiny"
 
@@ -48,3 +48,21 @@ def test_a_command_without_its_extra_takes_any_options_and_names_the_extra(monke
     monkeypatch.delitem(sys.modules, "modeling_recurrent.evaluate", raising=False)
     assert main(["eval", "--print-task-path"]) == 2
     assert 'pip install "modeling-recurrent[eval]"' in capsys.readouterr().err
+
+
+def test_parse_integers_reads_a_comma_separated_list():
+    assert parse_integers("1, 4,16,", "--steps") == [1, 4, 16]
+    assert parse_integers("0,-1", "--tokens", positive=False) == [0, -1]
+
+
+@pytest.mark.parametrize(
+    ("text", "positive", "message"),
+    [
+        ("1,x", True, "--steps must be comma-separated integers, got '1,x'"),
+        (" , ", True, "--steps names no integer"),
+        ("4,0", True, "--steps must be positive integers, got '4,0'"),
+    ],
+)
+def test_parse_integers_names_the_option_and_the_bad_text(text, positive, message):
+    with pytest.raises(ValueError, match=message):
+        parse_integers(text, "--steps", positive)
