@@ -225,7 +225,10 @@ BAD_CALLS = {
     "labels beyond vocab": (lambda m: m(ids(), labels=torch.full((2, 5), 99)), "labels must lie in"),
     "infinite init_scale": (lambda m: m(ids(), init_scale=math.inf), "init_scale"),
     "foreign past_key_values": (lambda m: m(ids(), past_key_values=object()), "past_key_values"),
-    "empty prompt in generate": (lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long)), "at least one row"),
+    "empty prompt in generate": (
+        lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1),
+        "at least one row",
+    ),
 }
 
 
