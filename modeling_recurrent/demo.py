@@ -135,12 +135,20 @@ def print_table(results: dict, steps: list[int], compute: dict, config) -> None:
 
 
 def print_examples(problems: list, predictions: dict, steps: list[int], count: int = 4) -> None:
-    """The deepest problems that the most steps answer and the fewest do not (what depth buys), then the deepest
-    others."""
+    """The deepest problems that the most steps answer and the fewest do not (what depth buys), among hop counts the
+    most steps answer at least half the time, then the deepest others."""
+    from .chain_task import accuracy_by_hops
+
     low, high = steps[0], steps[-1]
     print(f"\nA few problems at num_steps {low} and {high}:")
     low_answers, high_answers = predictions["in-distribution", low], predictions["in-distribution", high]
-    gained = {i for i, p in enumerate(problems) if high_answers[i][:1] == p.answer != low_answers[i][:1]}
+    # A lucky guess at a hop count the model does not solve (one in ten digits) is not what depth buys.
+    solved = accuracy_by_hops(high_answers, problems)["by_hops"]
+    gained = {
+        i
+        for i, p in enumerate(problems)
+        if high_answers[i][:1] == p.answer != low_answers[i][:1] and solved[p.hops] >= 0.5
+    }
     for i in sorted(range(len(problems)), key=lambda i: (i not in gained, -problems[i].hops))[:count]:
         problem = problems[i]
         print(

@@ -61,8 +61,21 @@ def test_examples_show_what_depth_buys_first(capsys):
     deepest = max(range(6), key=lambda i: problems[i].hops)
     gained = min((i for i in range(6) if i != deepest), key=lambda i: problems[i].hops)
     low = ["x"] * 6
-    high = [p.answer if i == gained else "x" for i, p in enumerate(problems)]
+    high = [p.answer if problems[i].hops == problems[gained].hops else "x" for i, p in enumerate(problems)]
     print_examples(problems, {("in-distribution", 1): low, ("in-distribution", 8): high}, [1, 8], count=2)
     lines = capsys.readouterr().out.strip().splitlines()[1:]
-    # The one problem 8 steps answer and 1 step does not comes first, however shallow; then the deepest.
+    # A problem 8 steps answer and 1 step does not comes first, however shallow; then the deepest.
     assert [line.split()[0] for line in lines] == [problems[gained].prompt, problems[deepest].prompt]
+
+
+def test_examples_skip_lucky_answers_at_hop_counts_the_model_does_not_solve(capsys):
+    from modeling_recurrent.demo import print_examples
+
+    solved = sample_problems("in-distribution", 2, seed=3, hops=1)
+    unsolved = sample_problems("in-distribution", 3, seed=4, hops=5)
+    problems = unsolved + solved
+    # 8 steps answer both 1-hop problems and, by luck, the first of the three 5-hop ones (1/3 < 0.5)
+    high = [unsolved[0].answer, "x", "x", solved[0].answer, solved[1].answer]
+    print_examples(problems, {("in-distribution", 1): ["x"] * 5, ("in-distribution", 8): high}, [1, 8], count=3)
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [line.split()[0] for line in lines] == [solved[0].prompt, solved[1].prompt, unsolved[0].prompt]
